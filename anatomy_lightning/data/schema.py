@@ -1,0 +1,72 @@
+"""The one typed record every reader produces, and the error type for unusable input.
+
+Every format (Anatomy-R1, OmniMedVQA, R1 problem/solution, generic JSON/JSONL, synthetic scenes)
+becomes a list of `Question`; everything downstream (prompts, rewards, curriculum, augmentation)
+only ever sees this type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LETTERS = "ABCDEF"  # 2 to 6 options are supported
+MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
+
+
+class DataError(ValueError):
+    """Input that cannot be used. The message names the file, record and field at fault."""
+
+
+@dataclass
+class Question:
+    """One multiple-choice VQA item.
+
+    `question` is the bare stem: no system text, no options block. `options` are the option
+    texts in their original order; `answer_index` points into them. `similarity` is S(q) and
+    `stage` the curriculum stage, both filled in by `data.similarity` once the set is scored.
+    """
+
+    id: str
+    question: str
+    options: list[str]
+    answer_index: int
+    images: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    similarity: float | None = None
+    stage: int | None = None
+
+    @property
+    def answer_letter(self) -> str:
+        return LETTERS[self.answer_index]
+
+    @property
+    def answer_text(self) -> str:
+        return self.options[self.answer_index]
+
+    @property
+    def anatomy(self) -> str:
+        """The class a question is reported under: the gold option text."""
+        return str(self.metadata.get("anatomy", self.answer_text))
+
+    def options_block(self, header: str = "Options:") -> str:
+        lines = [f"{LETTERS[i]}. {text}" for i, text in enumerate(self.options)]
+        return "\n".join([header, *lines])
+
+    def to_record(self) -> dict[str, Any]:
+        """The generic JSONL form (readable back by `format: generic`)."""
+        rec: dict[str, Any] = {
+            "id": self.id,
+            "question": self.question,
+            "options": list(self.options),
+            "answer": self.answer_letter,
+            "images": list(self.images),
+        }
+        extra = {k: v for k, v in self.metadata.items() if k not in ("source", "record")}
+        if extra:
+            rec["metadata"] = extra
+        return rec
+
+    def replace(self, **changes: Any) -> Question:
+        return dataclasses.replace(self, **changes)
