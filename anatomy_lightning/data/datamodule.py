@@ -1,0 +1,315 @@
+"""`AnatomyVQADataModule`: questions in, curriculum stages and augmentation injection out.
+
+Batches are plain `list[Question]`: the LightningModule builds prompts with the model's own
+processor, so the DataModule stays model-agnostic and cheap, and the curriculum and augmentation
+callbacks read the questions directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from anatomy_lightning.data.loader import load_questions
+from anatomy_lightning.data.sampler import Cursor, StageSampler
+from anatomy_lightning.data.schema import DataError, Question
+from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticSettings:
+    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL."""
+
+    n_train: int = 512
+    n_val: int = 96
+    n_test: int = 192
+    seed: int = 0
+    image_size: int = 56
+    grid: int = 2
+    num_options: int = 4
+    out_dir: str = "outputs/synthetic"
+
+
+class Augmenter(Protocol):
+    """What the DataModule needs from the augmentation queue (see `augment.augmenter`)."""
+
+    def take(self, n: int, active_stages: set[int] | None = None) -> list[Question]: ...
+
+    def budget(self, batch_size: int) -> int: ...
+
+
+class _Questions(Dataset):
+    def __init__(self, questions: list[Question]) -> None:
+        self.questions = questions
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, key: int | Cursor) -> Question | tuple[Question, Cursor]:
+        if isinstance(key, Cursor):
+            return self.questions[key.index], key
+        return self.questions[key]
+
+
+class _RankSlice(Sampler[int]):
+    """Sequential evaluation order, one contiguous slice per rank (no padding, no duplicates)."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        per = math.ceil(n / world_size)
+        self.indices = list(range(rank * per, min(n, (rank + 1) * per)))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _collate_train(items: list[tuple[Question, Cursor]]) -> tuple[list[Question], list[Cursor]]:
+    return [q for q, _ in items], [c for _, c in items]
+
+
+def _collate_eval(items: list[Question]) -> list[Question]:
+    return list(items)
+
+
+class AnatomyVQADataModule(L.LightningDataModule):
+    """Loads train/val/test question files (any supported format) or the synthetic scenes.
+
+    Every question gets S(q) (option similarity) and a stage from the training set's quantiles,
+    so validation and test accuracy can be reported per stage with the same thresholds.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        format: str = "auto",
+        image_root: str | None = None,
+        on_bad_record: str = "error",
+        check_images: bool = True,
+        synthetic: SyntheticSettings | None = None,
+        val_fraction: float = 0.1,
+        num_stages: int = 3,
+        similarity_encoder: str | None = None,
+        similarity_aggregation: str = "mean",
+        embedding_cache_dir: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        epoch_length: int | None = None,
+        max_val_questions: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if synthetic is None and train_file is None and test_file is None:
+            raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        self.save_hyperparameters(logger=False)
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.format, self.image_root, self.on_bad_record = format, image_root, on_bad_record
+        self.check_images, self.synthetic = check_images, synthetic
+        self.val_fraction, self.num_stages = val_fraction, num_stages
+        self.similarity_encoder, self.similarity_aggregation = similarity_encoder, similarity_aggregation
+        self.embedding_cache_dir = embedding_cache_dir
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.epoch_length, self.max_val_questions, self.seed = epoch_length, max_val_questions, seed
+
+        self.train_questions: list[Question] = []
+        self.val_questions: list[Question] = []
+        self.test_questions: list[Question] = []
+        self.stage_thresholds: list[float] = []
+        self.sampler: StageSampler | None = None
+        self.augmenter: Augmenter | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._prepared = False
+
+    # -- loading -------------------------------------------------------------------------------
+    def _load(self, path: str, image_root: str | None) -> list[Question]:
+        report = load_questions(
+            path,
+            format=self.format,
+            on_bad_record=self.on_bad_record,
+            image_root=image_root,
+            check_images=self.check_images,
+        )
+        if report.skipped:
+            log.warning("%s: skipped %d bad records (%s)", path, report.skipped, ", ".join(report.problems))
+        if report.missing_images:
+            raise DataError(
+                f"{path}: {len(report.missing_images)} image files are missing, e.g. {report.missing_images[:3]}; "
+                "set data.image_root to the folder the paths are relative to"
+            )
+        log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
+        return report.questions
+
+    def _synthetic_files(self) -> dict[str, Path]:
+        from anatomy_lightning.data.synthetic import write_synthetic_dataset
+
+        s = self.synthetic
+        assert s is not None
+        return write_synthetic_dataset(
+            s.out_dir, s.n_train, s.n_val, s.n_test, seed=s.seed,
+            image_size=s.image_size, grid=s.grid, num_options=s.num_options,
+        )
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: write the synthetic files once, before any rank reads them.
+        if self.synthetic is not None:
+            self._synthetic_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        if self.synthetic is not None:
+            files = self._synthetic_files()
+            root = str(files["train"].parent)
+            self.train_questions = self._load(str(files["train"]), root)
+            self.val_questions = self._load(str(files["val"]), root)
+            self.test_questions = self._load(str(files["test"]), root)
+        else:
+            if self.train_file:
+                self.train_questions = self._load(self.train_file, self.image_root)
+            if self.val_file:
+                self.val_questions = self._load(self.val_file, self.image_root)
+            elif self.train_questions and self.val_fraction > 0:
+                rng = random.Random(self.seed)
+                order = list(range(len(self.train_questions)))
+                rng.shuffle(order)
+                n_val = max(1, int(len(order) * self.val_fraction))
+                held = set(order[:n_val])
+                self.val_questions = [q for i, q in enumerate(self.train_questions) if i in held]
+                self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in held]
+            if self.test_file:
+                self.test_questions = self._load(self.test_file, self.image_root)
+        if self.max_val_questions:
+            self.val_questions = self.val_questions[: self.max_val_questions]
+        self._score()
+        self._prepared = True
+
+    def _score(self) -> None:
+        everything = self.train_questions + self.val_questions + self.test_questions
+        if not everything:
+            raise DataError("data: no questions were loaded")
+        scorer = SimilarityScorer(
+            self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
+        )
+        scorer.score(everything)
+        reference = self.train_questions or everything
+        self.stage_thresholds = assign_stages(reference, self.num_stages)
+        in_reference = {id(q) for q in reference}
+        for q in everything:
+            if id(q) not in in_reference:
+                q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds)
+        counts = Counter(q.stage for q in self.train_questions)
+        log.info("curriculum stages (train): %s, thresholds %s", dict(sorted(counts.items())), self.stage_thresholds)
+
+    # -- curriculum and augmentation interface ---------------------------------------------------
+    def set_active_stages(
+        self, stages: Sequence[int], replay_stages: Sequence[int] = (), replay_fraction: float = 0.0
+    ) -> None:
+        """Called by `CurriculumCallback`: the training pool is `stages` plus a replay share."""
+        self._sampler().set_active(stages, replay_stages, replay_fraction)
+
+    @property
+    def active_stages(self) -> set[int] | None:
+        return set(self.sampler.active) if self.sampler is not None else None
+
+    def attach_augmenter(self, augmenter: Augmenter) -> None:
+        """Called by `GroupDiversityCallback`: rewrites from its queue replace part of each batch."""
+        self.augmenter = augmenter
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _sampler(self) -> StageSampler:
+        if self.sampler is None:
+            if not self.train_questions:
+                raise DataError("data: no training questions (set data.train_file or data.synthetic)")
+            rank, world = self._rank_world()
+            self.sampler = StageSampler(
+                [q.stage or 0 for q in self.train_questions],
+                seed=self.seed,
+                epoch_length=self.epoch_length or len(self.train_questions),
+                rank=rank,
+                world_size=world,
+            )
+            if self._pending_state is not None:
+                self.sampler.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self.sampler
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            _Questions(self.train_questions),
+            batch_size=self.batch_size,
+            sampler=self._sampler(),
+            collate_fn=_collate_train,
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, questions: list[Question]) -> DataLoader:
+        rank, world = self._rank_world()
+        return DataLoader(
+            _Questions(questions),
+            batch_size=self.eval_batch_size,
+            sampler=_RankSlice(len(questions), rank, world),
+            collate_fn=_collate_eval,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_questions)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_questions or self.val_questions)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the sampler position and swap in augmented questions (training batches only)."""
+        if not (isinstance(batch, tuple) and len(batch) == 2):
+            return batch
+        questions, cursors = batch
+        if self.sampler is not None:
+            for c in cursors:
+                self.sampler.consumed(c)
+        if self.augmenter is not None:
+            rank, world = self._rank_world()
+            n = self.augmenter.budget(len(questions))
+            # every rank holds the same queue: take for all ranks, keep this rank's share
+            extra = self.augmenter.take(n * world, self.active_stages)[rank::world]
+            if extra:
+                questions = questions[: len(questions) - len(extra)] + extra
+        return questions
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler_state = state.get("sampler")
+        if sampler_state is None:
+            return
+        if self.sampler is not None:
+            self.sampler.load_state_dict(sampler_state)
+        else:
+            self._pending_state = sampler_state
+
+
+def stage_of(similarity: float, thresholds: Sequence[float]) -> int:
+    """Stage index for an S(q) given the K-1 ascending quantile thresholds."""
+    return sum(1 for t in thresholds if similarity > t)

@@ -1,0 +1,245 @@
+"""Reward functions for multiple-choice answers, and the weighted sum the trainer optimises.
+
+Contract (mirrors TRL's, with our `Question` in place of dataset columns): a reward function is
+
+    f(completions: list[str], questions: list[Question], **kwargs) -> list[float | None]
+
+one value per completion, `questions[i]` being the question completion i answers (repeated G
+times per group). `None` means "not applicable" and counts as 0. Functions must be deterministic
+and cheap: they run on every rollout. Built-ins are named in `REWARD_FUNCTIONS`; a user function
+is given by import path, "package.module:function".
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anatomy_lightning.data.schema import LETTERS, Question
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "RewardComputer",
+    "RewardFunction",
+    "accuracy_reward",
+    "extract_choice",
+    "format_reward",
+    "resolve_reward_function",
+]
+
+RewardFunction = Callable[..., Sequence[Any]]
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+# "Answer: C", "The correct option is C", "Option (C)" -> drop the lead-in before parsing.
+_LEAD_IN_RE = re.compile(
+    r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*",
+    re.IGNORECASE,
+)
+# A letter in one of the shapes "C", "C.", "C)", "C:", "(C)", "[C]", "C Liver", "C. Liver".
+_LETTER_RE = re.compile(
+    rf"^(?:\((?P<paren>[{LETTERS}])\)|\[(?P<bracket>[{LETTERS}])\]"
+    rf"|(?P<bare>[{LETTERS}])(?:(?P<sep>[.):\]])|(?=\s|$)))\s*(?P<rest>.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def _normalise(text: str) -> str:
+    """Lower case, punctuation to spaces, one space between words, no leading article."""
+    words = re.sub(r"[\W_]+", " ", text.lower()).split()
+    if words and words[0] in ("the", "a", "an"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def _mentioned(text: str, options: Sequence[str]) -> set[int]:
+    """Options whose full text appears (as whole words) in `text`.
+
+    An option contained in a longer mentioned option ("liver" in "liver tissue") is not counted.
+    """
+    padded = f" {_normalise(text)} "
+    norms = [_normalise(o) for o in options]
+    hits = {i for i, n in enumerate(norms) if n and f" {n} " in padded}
+
+    def inside_longer(i: int) -> bool:
+        return any(norms[j] != norms[i] and f" {norms[i]} " in f" {norms[j]} " for j in hits)
+
+    return {i for i in hits if not inside_longer(i)}
+
+
+def _text_choice(text: str, options: Sequence[str]) -> int | None:
+    """The one option a free-text answer names, exact match first, else unique mention."""
+    target = _normalise(text)
+    exact = [i for i, o in enumerate(options) if _normalise(o) == target]
+    if exact:
+        return exact[0] if len(exact) == 1 else None
+    hits = _mentioned(text, options)
+    return hits.pop() if len(hits) == 1 else None
+
+
+def extract_choice(completion: str, options: Sequence[str]) -> int | None:
+    """Index of the option chosen inside the last <answer>...</answer>, or None.
+
+    Accepts a letter ("C", "c", "C.", "(C)", "C) Liver", "C. Liver") or the option text
+    ("Liver", "the liver"). A letter with text naming another option ("C. Gut" when C is Liver)
+    is a contradiction and gives None, as do letters outside the option range, several options,
+    and a missing tag. A lowercase letter followed by words ("a liver") is read as text.
+    """
+    found = _ANSWER_RE.findall(completion)
+    if not found:
+        return None
+    answer = _LEAD_IN_RE.sub("", found[-1].strip(), count=1).strip()
+    m = _LETTER_RE.match(answer)
+    if m:
+        letter = m.group("paren") or m.group("bracket") or m.group("bare")
+        rest = m.group("rest")
+        plain_lower = m.group("bare") and not m.group("sep") and letter.islower()
+        if not (plain_lower and _normalise(rest)):
+            index = LETTERS.index(letter.upper())
+            if index >= len(options):
+                return None
+            if not _normalise(rest):
+                return index
+            return index if _mentioned(rest, options) == {index} else None
+    return _text_choice(answer, options)
+
+
+def _check_lengths(completions: Sequence[str], questions: Sequence[Question]) -> None:
+    if len(completions) != len(questions):
+        raise ValueError(
+            f"{len(completions)} completions but {len(questions)} questions; repeat each "
+            "question once per completion of its group"
+        )
+
+
+def accuracy_reward(
+    completions: list[str], questions: list[Question], **kwargs: Any
+) -> list[float]:
+    """1.0 when the last <answer> names the gold option (by letter or text), else 0.0."""
+    _check_lengths(completions, questions)
+    return [
+        1.0 if extract_choice(c, q.options) == q.answer_index else 0.0
+        for c, q in zip(completions, questions)
+    ]
+
+
+def format_reward(completions: list[str], questions: list[Question], **kwargs: Any) -> list[float]:
+    """1.0 for exactly `<think>...</think> <answer>...</answer>` (whitespace around allowed).
+
+    Exactly one of each tag and nothing but whitespace after </answer>, so the policy cannot farm
+    the reward by repeating tags. Empty tag contents are allowed: accuracy judges the content.
+    """
+    _check_lengths(completions, questions)
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    return [
+        1.0 if _FORMAT_RE.match(c) and all(c.count(t) == 1 for t in tags) else 0.0
+        for c in completions
+    ]
+
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+}
+
+
+def resolve_reward_function(spec: str) -> RewardFunction:
+    """A built-in name from REWARD_FUNCTIONS, or an import path "package.module:function"."""
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec]
+    hint = (
+        f"use a built-in ({', '.join(sorted(REWARD_FUNCTIONS))}) or an import path "
+        "'package.module:function' importable from the working directory"
+    )
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"reward function {spec!r} is neither a built-in nor an import path; {hint}"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"reward function {spec!r}: cannot import {module_name!r} ({exc}); {hint}"
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(
+                f"reward function {spec!r}: {module_name!r} has no attribute {attr!r}; {hint}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(
+            f"reward function {spec!r} resolves to a {type(obj).__name__}, not a callable"
+        )
+    return obj
+
+
+class RewardComputer:
+    """Calls each reward function once per batch and sums them with their weights.
+
+    `funcs` maps a built-in name or import path to its weight; all are resolved here, so a bad
+    config fails before any GPU time is spent.
+    """
+
+    def __init__(self, funcs: dict[str, float]) -> None:
+        if not funcs:
+            raise ValueError(
+                "RewardComputer needs at least one reward function, e.g. {'accuracy': 1.0}"
+            )
+        self.weights: dict[str, float] = {}
+        self.funcs: dict[str, RewardFunction] = {}
+        for spec, weight in funcs.items():
+            if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise ValueError(
+                    f"reward function {spec!r}: weight must be a finite number, got {weight!r}"
+                )
+            self.funcs[spec] = resolve_reward_function(spec)
+            self.weights[spec] = float(weight)
+
+    def __call__(
+        self, completions: list[str], questions: list[Question], **kwargs: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted total (B,), {name: unweighted values (B,)}), float32 on the CPU."""
+        _check_lengths(completions, questions)
+        per_function: dict[str, Tensor] = {}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for name, func in self.funcs.items():
+            raw = func(completions, questions, **kwargs)
+            values = torch.tensor(self._checked(name, raw, len(completions)), dtype=torch.float32)
+            per_function[name] = values
+            total += self.weights[name] * values
+        return total, per_function
+
+    @staticmethod
+    def _checked(name: str, values: Any, expected: int) -> list[float]:
+        """None -> 0.0; anything but a finite real number is the function's bug: raise."""
+        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+            raise ValueError(
+                f"reward function {name!r} returned {type(values).__name__}; "
+                "expected a list with one float per completion"
+            )
+        if len(values) != expected:
+            raise ValueError(
+                f"reward function {name!r} returned {len(values)} values for "
+                f"{expected} completions; return one value per completion"
+            )
+        out = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(0.0)
+            elif isinstance(v, numbers.Real) and math.isfinite(v):
+                out.append(float(v))
+            else:
+                raise ValueError(
+                    f"reward function {name!r} returned {v!r} for completion {i}; rewards must be "
+                    "finite numbers (or None for not applicable)"
+                )
+        return out

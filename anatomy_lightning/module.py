@@ -1,0 +1,445 @@
+"""`GRPOModule`: the policy, its reference, rollouts, rewards and the GRPO update.
+
+Order of a training step (manual optimisation, so `num_iterations` > 1 can reuse one rollout):
+  1. encode the N prompts of the batch with the model's own processor and chat template;
+  2. sample G completions per prompt (no grad, KV cache);
+  3. score them (weighted reward functions) and compute group-normalised advantages;
+  4. reference log-probs (adapter off; skipped when beta = 0) and old log-probs (only when mu > 1);
+  5. mu optimiser steps on the clipped surrogate + beta * KL, each skipped if the loss is not finite.
+The maths lives in `grpo.loss`; this class only wires it to Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from anatomy_lightning.data.images import load_image
+from anatomy_lightning.data.schema import Question
+from anatomy_lightning.grpo.loss import chunk_weight, group_advantages, grpo_loss
+from anatomy_lightning.grpo.rewards import RewardComputer, extract_choice
+from anatomy_lightning.grpo.rollout import (
+    DEFAULT_PROMPT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
+    VISION_TOKENS,
+    Rollout,
+    SequenceInputs,
+    completion_logprobs,
+    encode_prompts,
+    generate,
+    sequence_inputs,
+    vision_token_guard,
+)
+from anatomy_lightning.models.loading import (
+    LoraSettings,
+    build_optimizer,
+    frozen_copy,
+    has_adapter,
+    load_policy,
+    reference_forward,
+    save_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO for image-text-to-text models (Qwen2-VL / Qwen2.5-VL, or the built-in tiny one).
+
+    Args:
+        model: a built-in tiny name ("tiny-qwen2.5-vl"), a local folder or a hub id.
+        dtype: "auto", "bfloat16", "float16" or "float32" for the weights.
+        quantization: None, "4bit" (QLoRA: nf4, double quantisation, bf16 compute) or "8bit".
+        lora: LoRA settings; None with no quantization means full fine-tuning.
+        gradient_checkpointing: trade compute for activation memory (non-reentrant, PEFT-safe).
+        min_pixels / max_pixels: the processor's image size bounds (cap visual tokens, never truncate).
+        num_generations: G, completions sampled per prompt.
+        max_new_tokens, temperature, top_p, top_k: sampling settings for rollouts.
+        mask_truncated_completions: drop completions that hit max_new_tokens from the loss.
+        rewards: reward function name or "package.module:function" -> weight.
+        scale_rewards: divide advantages by the group std.
+        std_tol: a group whose reward std is below this has no learning signal.
+        loss_type: grpo | bnpo | dapo | dr_grpo | gpg (see grpo.loss).
+        beta: KL coefficient (k3 estimator); 0 skips the reference forward entirely.
+        epsilon_low / epsilon_high: clip range of the importance ratio.
+        num_iterations: mu, optimiser steps per rollout (old log-probs kept for the ratio).
+        logprob_batch_size: rows per forward when computing log-probs (memory knob); None = all.
+        optimizer: adamw | adamw_8bit | paged_adamw_8bit.
+        learning_rate, weight_decay, warmup_steps, max_grad_norm: optimisation.
+        system_prompt / prompt_template: how a question is shown ({question}, {options}).
+        eval_max_new_tokens: completion budget for greedy evaluation (default: max_new_tokens).
+        sample_every_n_steps: log a text sample (question, gold, completion, reward) this often.
+        predictions_file: where `test` writes its JSONL (default: <log dir>/predictions.jsonl).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-qwen2.5-vl",
+        dtype: str = "auto",
+        quantization: str | None = None,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        num_generations: int = 8,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        mask_truncated_completions: bool = False,
+        rewards: dict[str, float] | None = None,
+        scale_rewards: bool = True,
+        std_tol: float = 1e-6,
+        loss_type: str = "grpo",
+        beta: float = 0.04,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        num_iterations: int = 1,
+        logprob_batch_size: int | None = None,
+        optimizer: str = "adamw",
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        eval_max_new_tokens: int | None = None,
+        sample_every_n_steps: int = 50,
+        predictions_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"model.num_generations must be >= 2 for group advantages, got {num_generations}")
+        if num_iterations < 1:
+            raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.model_name = model
+        self.reward_computer = RewardComputer(rewards or {"accuracy": 1.0, "format": 0.5})
+        self.policy: Any = None
+        self.processor: Any = None
+        self.reference: Any = None
+        self.non_finite_steps = 0
+        self._image_cache: dict[str, Any] = {}
+        self._eval_rows: list[dict[str, Any]] = []
+        self.val_acc = MeanMetric()
+        self._val_sums = torch.zeros(1, 2)
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy, self.processor = load_policy(
+            hp.model,
+            dtype=hp.dtype,
+            quantization=hp.quantization,
+            lora=hp.lora,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            min_pixels=hp.min_pixels,
+            max_pixels=hp.max_pixels,
+        )
+        if hp.beta != 0 and not has_adapter(self.policy):
+            self.reference = frozen_copy(self.policy)
+        tok = self.processor.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.vision_ids = [i for i in tok.convert_tokens_to_ids(list(VISION_TOKENS)) if i is not None and i >= 0]
+        self.merge = getattr(getattr(self.policy.config, "vision_config", None), "spatial_merge_size", 2)
+
+    def _load_image(self, path: str) -> Any:
+        img = self._image_cache.get(path)
+        if img is None:
+            img = load_image(path)
+            if len(self._image_cache) < 4096:  # small synthetic sets stay decoded in memory
+                self._image_cache[path] = img
+        return img
+
+    def encode(self, questions: list[Question]) -> dict[str, Tensor]:
+        inputs = encode_prompts(
+            questions, self.processor, self._load_image, self.hparams.system_prompt, self.hparams.prompt_template
+        )
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # batches are lists of questions; tensors are made on the device in `encode`
+
+    @contextlib.contextmanager
+    def _reference(self):
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with reference_forward(self.policy):
+                yield self.policy
+
+    # -- rollouts and scoring ------------------------------------------------------------------
+    def rollout(self, questions: list[Question], greedy: bool = False) -> Rollout:
+        hp = self.hparams
+        inputs = self.encode(questions)
+        return generate(
+            self.policy,
+            self.processor,
+            inputs,
+            num_generations=1 if greedy else hp.num_generations,
+            max_new_tokens=(hp.eval_max_new_tokens or hp.max_new_tokens) if greedy else hp.max_new_tokens,
+            do_sample=not greedy,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            top_k=hp.top_k,
+        )
+
+    def score(self, rollout: Rollout, questions: list[Question]) -> tuple[Tensor, dict[str, Tensor]]:
+        expanded = [q for q in questions for _ in range(rollout.group_size)]
+        total, per_fn = self.reward_computer(rollout.texts, expanded)
+        return total.to(self.device), {k: v.to(self.device) for k, v in per_fn.items()}
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch: list[Question], batch_idx: int) -> dict[str, Any]:
+        hp = self.hparams
+        G = hp.num_generations
+        ro = self.rollout(batch)
+        rewards, per_fn = self.score(ro, batch)
+        adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
+
+        inputs = sequence_inputs(ro, self.image_token_id, self.processor.tokenizer.pad_token_id, self.vision_ids, self.merge)
+        mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
+        if hp.mask_truncated_completions:
+            mask = mask * (~ro.truncated).float().unsqueeze(1)
+        mask = mask.to(self.device)
+        comp = ro.completion_ids
+
+        ref_logp = old_logp = None
+        with torch.no_grad():
+            if hp.beta != 0:
+                with self._reference() as ref:
+                    ref_logp = completion_logprobs(ref, inputs, comp, hp.temperature, hp.logprob_batch_size)
+            if hp.num_iterations > 1:
+                old_logp = completion_logprobs(self.policy, inputs, comp, hp.temperature, hp.logprob_batch_size)
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        metrics: dict[str, float] = {}
+        B = comp.shape[0]
+        # group-aligned row chunks: forward + backward one chunk at a time (activation memory knob)
+        step = max(G, (hp.logprob_batch_size or B) // G * G)
+        for _ in range(hp.num_iterations):
+            opt.zero_grad(set_to_none=True)
+            loss_total, chunk_metrics, finite = 0.0, defaultdict(float), True
+            for s in range(0, B, step):
+                rows, groups = slice(s, s + step), slice(s // G, (s + step) // G)
+                logp = completion_logprobs(self.policy, _RowView(inputs, s, s + step), comp[rows], hp.temperature)
+                out = grpo_loss(
+                    hp.loss_type,
+                    logp,
+                    adv.advantages[rows],
+                    mask[rows],
+                    old_logp=None if old_logp is None else old_logp[rows],
+                    ref_logp=None if ref_logp is None else ref_logp[rows],
+                    beta=hp.beta,
+                    epsilon_low=hp.epsilon_low,
+                    epsilon_high=hp.epsilon_high,
+                    max_completion_length=hp.max_new_tokens,
+                    has_signal=adv.has_signal[groups],
+                    group_size=G,
+                )
+                w = chunk_weight(hp.loss_type, mask[rows], mask, adv.has_signal[groups], adv.has_signal)
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    break
+                self.manual_backward(out.loss * w)
+                loss_total += out.loss.item() * w
+                frac = (min(s + step, B) - s) / B
+                for k, v in out.metrics.items():
+                    if k != "alpha":  # row-weighted average of the chunk metrics
+                        chunk_metrics[k] += v * frac
+            metrics = dict(chunk_metrics)
+            if hp.loss_type == "gpg":  # alpha = groups / groups with signal, over the whole batch
+                metrics["alpha"] = adv.has_signal.numel() / max(1, int(adv.has_signal.sum()))
+            if finite:
+                grad_norm = self._clip_gradients(opt)
+                finite = math.isfinite(grad_norm)
+            if not finite:
+                self.non_finite_steps += 1
+                log.warning("step %d: non-finite loss or gradient, optimizer step skipped", self.global_step)
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            if sched is not None:
+                sched.step()
+            metrics["loss"] = loss_total
+            metrics["grad_norm"] = grad_norm
+
+        self._log_train(ro, batch, rewards, per_fn, adv, metrics)
+        return {"group_rewards": rewards.detach().view(-1, G).cpu()}
+
+    def _clip_gradients(self, opt: Any) -> float:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.hparams.max_grad_norm or float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _log_train(self, ro: Rollout, batch: list[Question], rewards: Tensor, per_fn: dict[str, Tensor], adv: Any, metrics: dict[str, float]) -> None:
+        G = ro.group_size
+        lengths = ro.lengths.float()
+        logs = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.view(-1, G).std(-1, unbiased=False).mean(),
+            "train/invalid_gradient_ratio": 1.0 - adv.has_signal.float().mean(),
+            "train/completion_length/mean": lengths.mean(),
+            "train/completion_length/min": lengths.min(),
+            "train/completion_length/max": lengths.max(),
+            "train/truncated_share": ro.truncated.float().mean(),
+            "train/non_finite_steps": float(self.non_finite_steps),
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+        }
+        for name, value in per_fn.items():
+            logs[f"train/rewards/{name}"] = value.mean()
+        for k, v in metrics.items():
+            logs[f"train/{k}"] = v
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=len(batch))
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            q = batch[0]
+            text = (
+                f"**question** {q.question}  \n**options** {' | '.join(q.options)}  \n**gold** {q.answer_letter}. {q.answer_text}  \n"
+                f"**completion** `{ro.texts[0]}`  \n**reward** {rewards[0].item():.3f}"
+            )
+            self.logger.experiment.add_text("train/sample", text, self.global_step)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _evaluate(self, questions: list[Question]) -> list[dict[str, Any]]:
+        ro = self.rollout(questions, greedy=True)
+        rows = []
+        for q, text in zip(questions, ro.texts):
+            pred = extract_choice(text, q.options)
+            rows.append(
+                {
+                    "id": q.id,
+                    "question": q.question,
+                    "options": q.options,
+                    "gold": q.answer_letter,
+                    "prediction": None if pred is None else "ABCDEF"[pred],
+                    "correct": pred == q.answer_index,
+                    "anatomy": q.anatomy,
+                    "stage": q.stage,
+                    "similarity": q.similarity,
+                    "completion": text,
+                }
+            )
+        return rows
+
+    def _num_stages(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        return int(getattr(dm, "num_stages", 1) or 1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(self._num_stages(), 2, device=self.device)  # (K, [correct, count])
+
+    def validation_step(self, batch: list[Question], batch_idx: int) -> None:
+        for row in self._evaluate(batch):
+            self.val_acc.update(float(row["correct"]))
+            k = min(int(row["stage"] or 0), self._val_sums.shape[0] - 1)
+            self._val_sums[k, 0] += float(row["correct"])
+            self._val_sums[k, 1] += 1
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc, prog_bar=True)  # torchmetrics syncs across ranks and resets
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")  # same numbers on every rank
+        for k in range(sums.shape[0]):
+            if sums[k, 1] > 0:
+                self.log(f"val/acc_stage_{k}", sums[k, 0] / sums[k, 1])
+
+    def test_step(self, batch: list[Question], batch_idx: int) -> None:
+        self._eval_rows.extend(self._evaluate(batch))
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_rows = []
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._eval_rows
+        if self.trainer.world_size > 1:
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        acc = sum(r["correct"] for r in rows) / max(1, len(rows))
+        self.log("test/acc", acc, rank_zero_only=True)
+        by = {"anatomy": defaultdict(list), "stage": defaultdict(list)}
+        for r in rows:
+            by["anatomy"][r["anatomy"]].append(r["correct"])
+            by["stage"][r["stage"]].append(r["correct"])
+        for k, vals in by["stage"].items():
+            self.log(f"test/acc_stage_{k}", sum(vals) / len(vals), rank_zero_only=True)
+        if self.global_rank == 0:
+            path = self._predictions_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            print(format_report(rows, by))
+            print(f"predictions: {path}")
+        self.test_results = {"acc": acc, "n": len(rows)}
+
+    def _predictions_path(self) -> Path:
+        if self.hparams.predictions_file:
+            return Path(self.hparams.predictions_file)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "predictions.jsonl"
+
+    # -- optimisation and checkpoints ----------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = build_optimizer(hp.optimizer, params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        warmup = max(0, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep trainable weights only: a 7B LoRA checkpoint is tens of MB, not GB."""
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["non_finite_steps"] = self.non_finite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.non_finite_steps = checkpoint.get("non_finite_steps", 0)
+
+    def on_train_end(self) -> None:
+        if self.global_rank == 0 and has_adapter(self.policy):
+            ckpt_cb = self.trainer.checkpoint_callback
+            root = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(self.trainer.default_root_dir)
+            save_adapter(self.policy, root / "adapter")
+            log.info("LoRA adapter (peft format) written to %s", root / "adapter")
+
+
+class _RowView(SequenceInputs):
+    """Rows [start, stop) of a `SequenceInputs`, as a `SequenceInputs` of their own."""
+
+    def __init__(self, full: SequenceInputs, start: int, stop: int) -> None:
+        super().__init__(full.rows(start, stop), full.pixel_rows[start:stop], full.grid_rows[start:stop])
+
+
+def format_report(rows: list[dict[str, Any]], by: dict[str, dict[Any, list[bool]]]) -> str:
+    """The summary table `test` prints: accuracy overall, per anatomy and per difficulty stage."""
+    n = len(rows)
+    acc = sum(r["correct"] for r in rows) / max(1, n)
+    lines = [f"{'':<32}{'n':>6}{'accuracy':>10}", f"{'overall':<32}{n:>6}{acc:>10.3f}", "per anatomy (gold option):"]
+    for name, vals in sorted(by["anatomy"].items(), key=lambda kv: str(kv[0])):
+        lines.append(f"  {str(name)[:30]:<30}{len(vals):>6}{sum(vals) / len(vals):>10.3f}")
+    lines.append("per difficulty stage (S(q) quantile):")
+    for k, vals in sorted(by["stage"].items(), key=lambda kv: (kv[0] is None, kv[0])):
+        lines.append(f"  stage {k!s:<24}{len(vals):>6}{sum(vals) / len(vals):>10.3f}")
+    return "\n".join(lines)

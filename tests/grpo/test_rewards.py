@@ -1,0 +1,242 @@
+"""Answer parsing, the built-in rewards, user rewards by import path, and the weighted sum."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from anatomy_lightning.data.schema import Question
+from anatomy_lightning.grpo.rewards import (
+    REWARD_FUNCTIONS,
+    RewardComputer,
+    accuracy_reward,
+    extract_choice,
+    format_reward,
+    resolve_reward_function,
+)
+
+# tests/grpo/ is one level deeper than tests/: the repo root is parents[2], data sits beside it.
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+OPTIONS = ["Gallbladder", "Gut", "Liver", "Omentum"]  # gold: C. Liver
+QUESTION = Question(id="q1", question="Which organ?", options=OPTIONS, answer_index=2)
+
+
+# User reward functions, resolved by import path in the tests below.
+def length_penalty(completions: list[str], questions: list[Question], **kwargs) -> list[float]:
+    return [-len(c) / 100 for c in completions]
+
+
+def not_applicable_first(completions: list[str], questions: list[Question], **kwargs) -> list:
+    return [None] + [1.0] * (len(completions) - 1)
+
+
+def nan_second(completions: list[str], questions: list[Question], **kwargs) -> list[float]:
+    return [0.0, math.nan] + [0.0] * (len(completions) - 2)
+
+
+def text_reward(completions: list[str], questions: list[Question], **kwargs) -> list:
+    return ["good"] * len(completions)
+
+
+NOT_CALLABLE = 3
+
+
+def _answer(text: str) -> str:
+    return f"<think>the liver is the large organ</think> <answer>{text}</answer>"
+
+
+# (answer content, expected index); options A Gallbladder, B Gut, C Liver, D Omentum
+PARSE_TABLE = [
+    ("C", 2),
+    ("C.", 2),
+    ("(C)", 2),
+    ("[C]", 2),
+    ("C)", 2),
+    ("c", 2),
+    (" C ", 2),
+    ("C. Liver", 2),
+    ("C) Liver", 2),
+    ("C Liver", 2),
+    ("(C) liver.", 2),
+    ("Liver", 2),
+    ("liver", 2),
+    ("The liver", 2),
+    ("Answer: C", 2),
+    ("The answer is (C).", 2),
+    ("Option C", 2),
+    ("c) liver", 2),
+    ("B", 1),
+    ("Omentum", 3),
+    ("C. Gut", None),  # letter and text disagree: a contradiction is wrong
+    ("A. Liver", None),
+    ("E", None),  # letter outside the four options
+    ("F. Liver", None),
+    ("A, C", None),  # two answers
+    ("Liver or Gut", None),
+    ("Spleen", None),
+    ("", None),
+    ("I am not sure", None),
+]
+
+
+@pytest.mark.parametrize(("content", "expected"), PARSE_TABLE)
+def test_extract_choice_table(content: str, expected: int | None) -> None:
+    assert extract_choice(_answer(content), OPTIONS) == expected
+    reward = accuracy_reward([_answer(content)], [QUESTION])
+    assert reward == [1.0 if expected == 2 else 0.0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("<think>A or C</think><answer>A</answer> wait <answer>C</answer>", 2),  # the last one
+        ("The answer is C.", None),  # no tag
+        ("<answer>C", None),  # unclosed tag
+        ("<ANSWER>\n  C \n</ANSWER>", 2),
+        ("<think>x</think><answer>Liver tissue</answer>", 2),  # option phrase inside longer text
+    ],
+)
+def test_extract_choice_tags(completion: str, expected: int | None) -> None:
+    assert extract_choice(completion, OPTIONS) == expected
+
+
+def test_extract_choice_prefers_the_longest_option_named() -> None:
+    options = ["Liver", "Liver tissue", "Gut"]
+    assert extract_choice("<answer>Liver tissue</answer>", options) == 1
+    assert extract_choice("<answer>liver</answer>", options) == 0
+    assert extract_choice("<answer>B. Liver tissue</answer>", options) == 1
+
+
+def test_extract_choice_does_not_read_a_word_initial_as_a_letter() -> None:
+    # "Bone tissue" starts with B, "Cystic duct" with C: both must be read as text.
+    options = ["Cystic artery", "Bone tissue", "Cystic duct"]
+    assert extract_choice("<answer>Bone tissue</answer>", options) == 1
+    assert extract_choice("<answer>Cystic duct</answer>", options) == 2
+    assert extract_choice("<answer>cystic</answer>", options) is None
+
+
+def test_accuracy_reward_batch_repeats_questions_per_group() -> None:
+    other = Question(id="q2", question="?", options=["Yes", "No"], answer_index=1)
+    completions = [_answer("C"), _answer("Gut"), _answer("B"), _answer("C")]
+    # q2 has two options: B = No is right, C is out of range
+    assert accuracy_reward(completions, [QUESTION, QUESTION, other, other]) == [1.0, 0.0, 1.0, 0.0]
+
+
+FORMAT_TABLE = [
+    ("<think>reasoning</think><answer>C</answer>", 1.0),
+    ("<think>reasoning</think> <answer>C</answer>", 1.0),
+    ("  <think>\nline 1\nline 2\n</think>\n\n<answer> C. Liver </answer>\n  ", 1.0),
+    ("<think></think><answer>C</answer>", 1.0),  # empty thinking is still well formed
+    ("<answer>C</answer>", 0.0),  # no think
+    ("<think>reasoning</think>", 0.0),  # no answer
+    ("<answer>C</answer><think>reasoning</think>", 0.0),  # wrong order
+    ("<think>reasoning</think><answer>C</answer> because", 0.0),  # text after </answer>
+    ("Sure! <think>reasoning</think><answer>C</answer>", 0.0),  # text before <think>
+    ("<think>a</think><answer>C</answer><answer>C</answer>", 0.0),  # two answers
+    ("<think>a <think> b</think><answer>C</answer>", 0.0),  # nested think
+    ("<think>reasoning</think> text <answer>C</answer>", 0.0),  # text between the blocks
+    ("<think>reasoning<answer>C</answer>", 0.0),  # unclosed think
+    ("", 0.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "expected"), FORMAT_TABLE)
+def test_format_reward_table(completion: str, expected: float) -> None:
+    assert format_reward([completion], [QUESTION]) == [expected]
+
+
+def test_rewards_reject_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="2 completions but 1 questions"):
+        accuracy_reward(["a", "b"], [QUESTION])
+
+
+# --- resolving and combining -------------------------------------------------------------------
+
+
+def test_resolve_builtin_and_import_path() -> None:
+    assert resolve_reward_function("accuracy") is accuracy_reward
+    assert set(REWARD_FUNCTIONS) == {"accuracy", "format"}
+    user = resolve_reward_function("tests.grpo.test_rewards:length_penalty")
+    assert user(["abcd", "ab"], [QUESTION, QUESTION]) == [-0.04, -0.02]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("acuracy", "'acuracy' is neither a built-in nor an import path"),
+        ("no_such_package.rewards:fn", "cannot import 'no_such_package.rewards'"),
+        ("tests.grpo.test_rewards:missing", "has no attribute 'missing'"),
+        ("tests.grpo.test_rewards:NOT_CALLABLE", "resolves to a int, not a callable"),
+    ],
+)
+def test_resolve_errors_name_the_spec(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_reward_function(spec)
+
+
+def test_reward_computer_weighted_sum() -> None:
+    computer = RewardComputer(
+        {"accuracy": 1.0, "format": 0.5, "tests.grpo.test_rewards:length_penalty": 2.0}
+    )
+    completions = [_answer("C"), "<answer>C</answer>", _answer("B")]
+    total, parts = computer(completions, [QUESTION] * 3)
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    assert parts["accuracy"].tolist() == [1.0, 1.0, 0.0]
+    assert parts["format"].tolist() == [1.0, 0.0, 1.0]
+    torch.testing.assert_close(parts["tests.grpo.test_rewards:length_penalty"], -lengths / 100)
+    expected = torch.tensor([1.5, 1.0, 0.5]) - 2.0 * lengths / 100
+    torch.testing.assert_close(total, expected)
+    assert total.dtype == torch.float32 and total.shape == (3,)
+
+
+def test_reward_computer_counts_none_as_zero() -> None:
+    computer = RewardComputer({"tests.grpo.test_rewards:not_applicable_first": 3.0})
+    total, parts = computer(["x", "y"], [QUESTION, QUESTION])
+    assert total.tolist() == [0.0, 3.0]
+    assert parts["tests.grpo.test_rewards:not_applicable_first"].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.grpo.test_rewards:nan_second", "test_rewards:nan_second' returned nan for completion 1"),
+        ("tests.grpo.test_rewards:text_reward", "test_rewards:text_reward' returned 'good' for completion 0"),
+    ],
+)
+def test_reward_computer_rejects_bad_values(spec: str, message: str) -> None:
+    computer = RewardComputer({"accuracy": 1.0, spec: 1.0})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        computer(["a", "b", "c"], [QUESTION] * 3)
+
+
+def test_reward_computer_rejects_bad_config() -> None:
+    with pytest.raises(ValueError, match="at least one reward function"):
+        RewardComputer({})
+    with pytest.raises(ValueError, match="'format': weight must be a finite number"):
+        RewardComputer({"format": float("inf")})
+    with pytest.raises(ValueError, match="'nope' is neither"):
+        RewardComputer({"accuracy": 1.0, "nope": 1.0})
+
+
+def test_gold_answers_of_the_real_set_score_one() -> None:
+    """Every gold letter and gold text of the SGG-VQA set parses back to the gold option."""
+    path = DATA / "sgg_vqa_anatomy_r1.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    records = json.loads(path.read_text())
+    completions, questions = [], []
+    for rec in records:
+        lines = rec["instruction"].split("Anatomy Options:")[1].strip().splitlines()
+        options = [re.sub(r"^[A-F]\.\s*", "", line).strip() for line in lines]
+        q = Question(id="x", question="?", options=options, answer_index="ABCDEF".index(rec["solution"]))
+        assert q.answer_text == rec["answer"]
+        completions += [_answer(rec["solution"]), _answer(rec["answer"]),
+                        _answer(f"{rec['solution']}. {rec['answer']}")]
+        questions += [q, q, q]
+    assert len(records) == 1000
+    assert accuracy_reward(completions, questions) == [1.0] * len(completions)
