@@ -1,0 +1,303 @@
+"""The GDQA queue: find the groups GRPO cannot learn from, rewrite those questions, serve rewrites.
+
+A group whose G rewards are all equal has zero advantage and gives no gradient. `observe()` reads
+each batch's (N, G) rewards, picks the hard questions (see `detect`), asks the rewriters for
+candidates, keeps a diverse few (`select_diverse`) and queues them; `take()` hands queued rewrites
+to the DataModule, which swaps them into the coming batches. Pure Python: no Lightning here, so
+the decisions are testable with scripted rewards, and a seeded augmenter makes identical decisions
+on every rank and after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anatomy_lightning.augment.rewriters import Rewriter, build_rewriters
+from anatomy_lightning.augment.selection import Embed, select_diverse
+from anatomy_lightning.data.schema import LETTERS, Question
+
+__all__ = ["DETECT_RULES", "GroupDiversityAugmenter", "group_signal_stats", "hard_groups"]
+
+DETECT_RULES = ("zero_std_wrong", "zero_std_right", "low_mean")
+DEFAULT_REWRITERS = ("template_paraphrase", "invert_relation", "shuffle_options", "answer_form")
+_HIDDEN_METADATA = ("source", "record")  # dropped by Question.to_record(); kept apart in state
+
+
+def _spread(group_rewards: Tensor) -> Tensor:
+    """Population std per group (a group of 1 has no spread)."""
+    if group_rewards.shape[1] < 2:
+        return torch.zeros(group_rewards.shape[0])
+    return group_rewards.float().std(dim=1, unbiased=False)
+
+
+def _check_shapes(questions: Sequence[Question], group_rewards: Tensor) -> None:
+    if group_rewards.ndim != 2 or group_rewards.shape[0] != len(questions):
+        raise ValueError(
+            f"group_rewards must be (N, G) with N = {len(questions)} questions in the batch, "
+            f"got shape {tuple(group_rewards.shape)}; return one row of G rewards per question"
+        )
+
+
+def hard_groups(
+    group_rewards: Tensor,
+    detect: Sequence[str],
+    std_tol: float = 1e-6,
+    low_reward_threshold: float = 0.25,
+    right_reward_threshold: float = 1.0,
+) -> Tensor:
+    """(N,) bool: groups matching any rule in `detect`.
+
+    zero_std_wrong: no spread and mean < right_reward_threshold (all completions wrong);
+    zero_std_right: no spread and mean >= right_reward_threshold (all right);
+    low_mean: mean < low_reward_threshold, whatever the spread.
+    """
+    rewards = group_rewards.detach().float().cpu()
+    mean, flat = rewards.mean(dim=1), _spread(rewards) < std_tol
+    right = mean >= right_reward_threshold - std_tol
+    rules = {"zero_std_wrong": flat & ~right, "zero_std_right": flat & right, "low_mean": mean < low_reward_threshold}
+    hard = torch.zeros(rewards.shape[0], dtype=torch.bool)
+    for name in detect:
+        hard |= rules[name]
+    return hard
+
+
+def group_signal_stats(
+    questions: Sequence[Question], group_rewards: Tensor, std_tol: float = 1e-6
+) -> dict[str, float]:
+    """Invalid gradient ratio (share of zero-spread groups), overall and per anatomy class, plus
+    mean reward of augmented and of original questions where the batch has them."""
+    _check_shapes(questions, group_rewards)
+    if not questions:
+        return {}
+    rewards = group_rewards.detach().float().cpu()
+    invalid = (_spread(rewards) < std_tol).tolist()
+    means = rewards.mean(dim=1).tolist()
+    stats = {"invalid_gradient_ratio": sum(invalid) / len(invalid)}
+    by_class: dict[str, list[bool]] = {}
+    for q, bad in zip(questions, invalid):
+        by_class.setdefault(q.anatomy, []).append(bad)
+    for name in sorted(by_class):
+        stats[f"invalid_gradient_ratio/{name}"] = sum(by_class[name]) / len(by_class[name])
+    for key, flag in (("reward/augmented", True), ("reward/original", False)):
+        rows = [m for q, m in zip(questions, means) if bool(q.metadata.get("augmented")) is flag]
+        if rows:
+            stats[key] = sum(rows) / len(rows)
+    return stats
+
+
+class GroupDiversityAugmenter:
+    """Rewrites hard questions and queues a diverse subset for injection into later batches.
+
+    Args:
+        rewriters: rewriter names, {name: ..., <args>} mappings or Rewriter objects (see
+            `augment.rewriters.REWRITERS`); candidates from all of them compete in selection.
+        num_rewrites: rewrites queued per hard question each time it is found hard.
+        detect: which groups count as hard: any of "zero_std_wrong" (all wrong, no spread),
+            "zero_std_right" (all right, no spread; off by default: nothing to fix there),
+            "low_mean" (mean reward < low_reward_threshold).
+        std_tol: a group with reward std below this has no spread (no GRPO gradient).
+        low_reward_threshold: the "low_mean" cut-off, in units of the total weighted reward.
+        right_reward_threshold: a zero-spread group with mean reward >= this is "all right".
+            With accuracy worth 1 and a smaller format reward, 1.0 separates the two.
+        max_fraction: at most this share of each training batch is replaced by rewrites.
+        max_rounds: how many times one original question may be rewritten over the run.
+        queue_size: queue cap; when full, the oldest rewrites are dropped first.
+        seed: seeds the rewriters' randomness (identical on every rank).
+        temperature: sampling temperature for augmented groups, written to
+            `q.metadata["temperature"]`; None samples them like any other question.
+        lambda_: MMR trade-off in selection: 1 = only far from the original, 0 = only far apart.
+        embed: texts -> (n, d) embeddings for selection; None uses token Jaccard (no model).
+        dynamic_sampling: instead of rewriting, re-queue the hard original questions unchanged
+            (DAPO-style bounded resampling, capped by max_rounds), to compare against GDQA.
+    """
+
+    def __init__(
+        self,
+        rewriters: Sequence[Rewriter | str | Mapping[str, Any]] = DEFAULT_REWRITERS,
+        num_rewrites: int = 2,
+        detect: Sequence[str] = ("zero_std_wrong", "low_mean"),
+        std_tol: float = 1e-6,
+        low_reward_threshold: float = 0.25,
+        right_reward_threshold: float = 1.0,
+        max_fraction: float = 0.25,
+        max_rounds: int = 2,
+        queue_size: int = 512,
+        seed: int = 0,
+        temperature: float | None = None,
+        lambda_: float = 0.5,
+        embed: Embed | None = None,
+        dynamic_sampling: bool = False,
+    ) -> None:
+        problems = []
+        if bad := [d for d in detect if d not in DETECT_RULES]:
+            problems.append(f"detect has unknown rules {bad}; choose from {list(DETECT_RULES)}")
+        if not 0.0 <= max_fraction <= 1.0:
+            problems.append(f"max_fraction must be in [0, 1], got {max_fraction}")
+        for name, value in (("num_rewrites", num_rewrites), ("max_rounds", max_rounds), ("queue_size", queue_size)):
+            if value < 0:
+                problems.append(f"{name} must be >= 0, got {value}")
+        if temperature is not None and temperature <= 0:
+            problems.append(f"temperature must be > 0 or null, got {temperature}")
+        if not 0.0 <= lambda_ <= 1.0:
+            problems.append(f"lambda_ must be in [0, 1], got {lambda_}")
+        if problems:
+            raise ValueError("GroupDiversityAugmenter: " + "; ".join(problems))
+        self.rewriters = build_rewriters(rewriters)
+        self.num_rewrites, self.detect = num_rewrites, tuple(detect)
+        self.std_tol, self.low_reward_threshold = std_tol, low_reward_threshold
+        self.right_reward_threshold = right_reward_threshold
+        self.max_fraction, self.max_rounds, self.queue_size = max_fraction, max_rounds, queue_size
+        self.seed, self.temperature, self.lambda_ = seed, temperature, lambda_
+        self.embed, self.dynamic_sampling = embed, dynamic_sampling
+
+        self.rng = random.Random(seed)
+        self.queue: deque[Question] = deque()
+        self.rounds: dict[str, int] = {}  # original id -> times rewritten
+        self.made: dict[str, int] = {}  # original id -> rewrites made (numbers the ids)
+        self.counters = dict.fromkeys(("observed", "hard", "enqueued", "taken", "dropped"), 0)
+        self.last_enqueued = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    # -- detection and rewriting ---------------------------------------------------------------
+    def observe(self, questions: Sequence[Question], group_rewards: Tensor, step: int = 0) -> list[Question]:
+        """Queue rewrites of this batch's hard original questions; returns what was queued.
+
+        Rewrites in the batch are judged for statistics only, never rewritten again. `step` is
+        recorded on the rewrites (metadata["augmented_at_step"]).
+        """
+        _check_shapes(questions, group_rewards)
+        hard = hard_groups(
+            group_rewards, self.detect, self.std_tol, self.low_reward_threshold, self.right_reward_threshold
+        ).tolist()
+        self.counters["observed"] += len(questions)
+        enqueued: list[Question] = []
+        for q, is_hard in zip(questions, hard):
+            if not is_hard or q.metadata.get("augmented"):
+                continue
+            self.counters["hard"] += 1
+            if self.rounds.get(q.id, 0) >= self.max_rounds:
+                continue
+            self.rounds[q.id] = self.rounds.get(q.id, 0) + 1
+            enqueued += self._rewrites(q, step)
+        for r in enqueued:
+            self._push(r)
+        self.counters["enqueued"] += len(enqueued)
+        self.last_enqueued = len(enqueued)
+        return enqueued
+
+    def _rewrites(self, q: Question, step: int) -> list[Question]:
+        if self.dynamic_sampling:
+            meta = {**q.metadata, "augmented_from": q.id, "rewriter": "resample", "augmented": True}
+            picked = [q.replace(metadata=meta)]
+        else:
+            candidates = [c for rewriter in self.rewriters for c in rewriter(q, self.rng)]
+            picked = select_diverse(candidates, self.num_rewrites, self.embed, self.lambda_, reference=q)
+        out = []
+        for r in picked:
+            n = self.made.get(q.id, 0)
+            self.made[q.id] = n + 1
+            tag = f"resample{n}" if self.dynamic_sampling else f"aug{n}-{r.metadata['rewriter']}"
+            meta = {**r.metadata, "augmented_at_step": step}
+            if self.temperature is not None:
+                meta["temperature"] = self.temperature
+            out.append(r.replace(id=f"{q.id}#{tag}", metadata=meta))
+        return out
+
+    def _push(self, q: Question) -> None:
+        if self.queue_size == 0:
+            self.counters["dropped"] += 1
+            return
+        if len(self.queue) >= self.queue_size:
+            self.queue.popleft()
+            self.counters["dropped"] += 1
+        self.queue.append(q)
+
+    # -- serving -------------------------------------------------------------------------------
+    def budget(self, batch_size: int) -> int:
+        """How many questions of a batch of this size may be rewrites."""
+        return math.floor(self.max_fraction * batch_size + 1e-9)
+
+    def take(self, n: int, active_stages: set[int] | None = None) -> list[Question]:
+        """Up to n queued rewrites, oldest first, from the active curriculum stages only.
+
+        Rewrites of inactive stages stay queued, in order, for when their stage is active.
+        A question without a stage is always eligible.
+        """
+        taken: list[Question] = []
+        kept: deque[Question] = deque()
+        while self.queue:
+            q = self.queue.popleft()
+            eligible = active_stages is None or q.stage is None or q.stage in active_stages
+            (taken if eligible and len(taken) < n else kept).append(q)
+        self.queue = kept
+        self.counters["taken"] += len(taken)
+        return taken
+
+    def metrics(self) -> dict[str, float]:
+        """Counters for logging (cumulative unless named `last_*`)."""
+        return {
+            "queue_size": float(len(self.queue)),
+            "last_enqueued": float(self.last_enqueued),
+            **{f"{k}_total": float(v) for k, v in self.counters.items()},
+            "originals_rewritten": float(len(self.rounds)),
+        }
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists/dicts/numbers only (loads under torch.load(weights_only=True))."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "queue": [
+                {
+                    "record": q.to_record(),
+                    "stage": q.stage,
+                    "similarity": q.similarity,
+                    "hidden_metadata": {k: q.metadata[k] for k in _HIDDEN_METADATA if k in q.metadata},
+                }
+                for q in self.queue
+            ],
+            "rounds": dict(self.rounds),
+            "made": dict(self.made),
+            "counters": dict(self.counters),
+            "last_enqueued": self.last_enqueued,
+            "rng_state": [version, list(internal), gauss],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.queue = deque(_question_from_state(entry) for entry in state["queue"])
+        self.rounds = dict(state["rounds"])
+        self.made = dict(state["made"])
+        self.counters = {**dict.fromkeys(self.counters, 0), **state["counters"]}
+        self.last_enqueued = int(state.get("last_enqueued", 0))
+        version, internal, gauss = state["rng_state"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def _question_from_state(entry: Mapping[str, Any]) -> Question:
+    """Inverse of the queue entry written by `state_dict` (a generic record + stage/S(q))."""
+    rec = entry["record"]
+    answer = rec["answer"]
+    if answer not in LETTERS[: len(rec["options"])]:
+        raise ValueError(
+            f"augmenter state: queued record {rec.get('id')!r} field 'answer' is {answer!r}, not one of "
+            f"{list(LETTERS[: len(rec['options'])])}; the checkpoint is damaged or from another version"
+        )
+    return Question(
+        id=rec["id"],
+        question=rec["question"],
+        options=list(rec["options"]),
+        answer_index=LETTERS.index(answer),
+        images=list(rec.get("images", [])),
+        metadata={**rec.get("metadata", {}), **entry.get("hidden_metadata", {})},
+        similarity=entry.get("similarity"),
+        stage=entry.get("stage"),
+    )

@@ -1,0 +1,196 @@
+"""`GroupDiversityCallback`: runs the GDQA loop inside `Trainer.fit`.
+
+After every training batch it reads the (N, G) group rewards the LightningModule returned, lets
+the augmenter queue rewrites of the hard questions, and logs the group-signal metrics. The
+DataModule serves the queue (it calls `augmenter.take()` while building the next batches), so
+this callback only hands the augmenter over in `setup` and never touches the DataModule again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from anatomy_lightning.augment.augmenter import DEFAULT_REWRITERS, GroupDiversityAugmenter, group_signal_stats
+from anatomy_lightning.augment.rewriters import Rewriter
+from anatomy_lightning.data.schema import Question
+
+__all__ = ["GroupDiversityCallback", "LazyEncoder", "make_embed"]
+
+log = logging.getLogger(__name__)
+
+
+class LazyEncoder:
+    """Sentence embeddings for diversity selection; the model loads on first call, not at setup.
+
+    `spec` is what `SimilarityScorer` takes as its encoder (None: its default, the offline MiniLM).
+    """
+
+    def __init__(self, spec: str | None = None) -> None:
+        self.spec = spec
+        self._scorer: Any = None
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self._scorer is None:
+            from anatomy_lightning.data.similarity import SimilarityScorer
+
+            try:
+                self._scorer = SimilarityScorer(self.spec)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"GroupDiversityCallback: encoder {self.spec!r} could not be loaded ({err}); "
+                    "give a local sentence-transformers folder, or encoder: jaccard for no model"
+                ) from err
+        return np.asarray(self._scorer.embed(texts))
+
+
+def make_embed(encoder: str | None) -> LazyEncoder | None:
+    """The selection embedder for an `encoder` setting; None means token Jaccard.
+
+    None picks the data layer's default encoder when that layer is installed, else Jaccard.
+    """
+    if encoder == "jaccard":
+        return None
+    if importlib.util.find_spec("anatomy_lightning.data.similarity") is None:
+        if encoder is not None:
+            raise ValueError(
+                f"GroupDiversityCallback: encoder {encoder!r} needs anatomy_lightning.data.similarity, "
+                "which is not installed; use encoder: jaccard"
+            )
+        log.warning("GDQA selection: anatomy_lightning.data.similarity is missing; using token Jaccard")
+        return None
+    return LazyEncoder(encoder)
+
+
+class GroupDiversityCallback(Callback):
+    """Group Diversity Question Augmentation. Knobs mirror `GroupDiversityAugmenter`, plus:
+
+    Args:
+        enabled: False turns the callback into a no-op (keeps a config's knobs for comparison).
+        encoder: sentence encoder for diversity selection: None = the default offline MiniLM via
+            `SimilarityScorer` if available, else token Jaccard; "jaccard" = no model.
+        dynamic_sampling: re-queue hard original questions unchanged instead of rewriting them
+            (DAPO-style bounded resampling), so the two can be compared.
+        log_every_n_steps: compute and log metrics every this many training batches.
+    """
+
+    def __init__(
+        self,
+        rewriters: Sequence[str | dict[str, Any] | Rewriter] = DEFAULT_REWRITERS,
+        num_rewrites: int = 2,
+        detect: Sequence[str] = ("zero_std_wrong", "low_mean"),
+        std_tol: float = 1e-6,
+        low_reward_threshold: float = 0.25,
+        right_reward_threshold: float = 1.0,
+        max_fraction: float = 0.25,
+        max_rounds: int = 2,
+        queue_size: int = 512,
+        seed: int = 0,
+        temperature: float | None = None,
+        lambda_: float = 0.5,
+        encoder: str | None = None,
+        enabled: bool = True,
+        dynamic_sampling: bool = False,
+        log_every_n_steps: int = 1,
+    ) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"GroupDiversityCallback: log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.enabled, self.log_every_n_steps, self.encoder = enabled, log_every_n_steps, encoder
+        self.augmenter = GroupDiversityAugmenter(
+            rewriters=rewriters,
+            num_rewrites=num_rewrites,
+            detect=detect,
+            std_tol=std_tol,
+            low_reward_threshold=low_reward_threshold,
+            right_reward_threshold=right_reward_threshold,
+            max_fraction=max_fraction,
+            max_rounds=max_rounds,
+            queue_size=queue_size,
+            seed=seed,
+            temperature=temperature,
+            lambda_=lambda_,
+            embed=None,  # set in setup(): building it may import sentence-transformers
+            dynamic_sampling=dynamic_sampling,
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "attach_augmenter"):
+            raise ValueError(
+                "GroupDiversityCallback needs a DataModule with `attach_augmenter(augmenter)` "
+                f"(got {type(datamodule).__name__}); pass datamodule=AnatomyVQADataModule(...) to fit, "
+                "or set enabled: false"
+            )
+        self.augmenter.embed = make_embed(self.encoder)
+        datamodule.attach_augmenter(self.augmenter)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.enabled or outputs is None:  # None: the module skipped this step
+            return
+        rewards = outputs.get("group_rewards") if isinstance(outputs, Mapping) else None
+        if not isinstance(rewards, Tensor):
+            raise ValueError(
+                "GroupDiversityCallback: training_step must return a dict with 'group_rewards', a (N, G) "
+                f"tensor of the batch's rewards; got {type(outputs).__name__} "
+                f"{sorted(outputs) if isinstance(outputs, Mapping) else ''}"
+            )
+        questions, rewards = _gather(_questions(batch), rewards.detach().float().cpu())
+        enqueued = self.augmenter.observe(questions, rewards, step=trainer.global_step)
+        if batch_idx % self.log_every_n_steps:
+            return
+        n = max(1, len(questions))
+        metrics = {
+            "augment/queue_size": float(len(self.augmenter)),
+            "augment/batch_share": sum(bool(q.metadata.get("augmented")) for q in questions) / n,
+            "augment/enqueued": float(len(enqueued)),
+        }
+        stats = group_signal_stats(questions, rewards, self.augmenter.std_tol)
+        metrics.update({f"train/{k}": v for k, v in stats.items()})
+        # identical on every rank (inputs were gathered), so no sync_dist reduction is needed
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"augmenter": self.augmenter.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.augmenter.load_state_dict(state_dict["augmenter"])
+
+
+def _questions(batch: Any) -> list[Question]:
+    """The batch's questions: a list[Question], or its first element if it is a (questions, ...) pair."""
+    if isinstance(batch, (tuple, list)) and batch and not isinstance(batch[0], Question):
+        batch = batch[0]
+    if not isinstance(batch, (list, tuple)) or not all(isinstance(q, Question) for q in batch):
+        raise ValueError(
+            f"GroupDiversityCallback: training batches must be a list of Question, got {type(batch).__name__}"
+        )
+    return list(batch)
+
+
+def _gather(questions: list[Question], rewards: Tensor) -> tuple[list[Question], Tensor]:
+    """Every rank's (questions, rewards), concatenated in rank order, identical on all ranks.
+
+    One `all_gather_object` carries both: ranks may hold different N (last batch), which tensor
+    all_gather cannot take, and the rewards are CPU tensors, which NCCL collectives cannot take.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return questions, rewards
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return questions, rewards
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, (questions, rewards))
+    all_questions = [q for qs, _ in gathered for q in qs]
+    return all_questions, torch.cat([r for _, r in gathered], dim=0)

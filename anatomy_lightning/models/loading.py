@@ -1,0 +1,354 @@
+"""Load the policy (built-in tiny, local folder or hub id), with optional QLoRA / LoRA, and the
+pieces GRPO needs around it: the reference model, adapter saving and the optimizer.
+
+With an adapter the reference model is the same weights with the adapter switched off, so
+QLoRA on one consumer GPU holds a single copy of the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anatomy_lightning.models.tiny import TINY_MODEL_NAMES, ensure_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Qwen2(.5)-VL module names in transformers 5.x: "model.language_model.layers.N.self_attn.q_proj",
+# "model.visual.blocks.N.mlp.gate_proj". The vision MLP reuses the names gate/up/down_proj, so a
+# plain name list would put LoRA on the vision tower too; the regex pins it to the language model.
+LANGUAGE_MODEL_PROJECTIONS = (
+    r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
+VISION_MODULES = r".*visual\..*"  # peft exclude_modules pattern for a target_modules name list
+# bitsandbytes keeps these unquantised (patterns match from the start of a module name; the suffix
+# form catches checkpoints with the older layout). Without "lm_head" transformers would quantise it.
+QUANT_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+QUANTIZATIONS = ("4bit", "8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model's attention and MLP projections (the vision tower stays frozen).
+
+    target_modules: a regex (matched against full module names) or a list of module names; a
+    list is kept off the vision tower unless include_vision is true.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = LANGUAGE_MODEL_PROJECTIONS
+    include_vision: bool = False
+
+    def to_peft(self) -> Any:
+        from peft import LoraConfig
+
+        exclude = None if self.include_vision or isinstance(self.target_modules, str) else VISION_MODULES
+        target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target,
+            exclude_modules=exclude, bias="none", task_type="CAUSAL_LM",
+        )
+
+
+# -- resolving the model name -----------------------------------------------------------------
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """A built-in tiny name -> its (built) cache folder; a local folder -> itself; else a hub id.
+
+    Fails early with the path and the fix, instead of a deep transformers traceback.
+    """
+    name = str(model_name_or_path)
+    if name in TINY_MODEL_NAMES:
+        return str(ensure_tiny_checkpoint(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {str(path)!r} has no config.json; point `model` at a Hugging Face checkpoint folder "
+                f"(config.json, *.safetensors, tokenizer and processor files) or use a built-in name {TINY_MODEL_NAMES}"
+            )
+        return str(path)
+    if path.exists():
+        raise ValueError(f"model {name!r} is a file; pass the checkpoint folder that contains it")
+    looks_local = name.startswith(("/", ".", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1
+    if looks_local or not _HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"model folder {name!r} does not exist (resolved to {str(path.resolve())!r}); pass an existing checkpoint "
+            f"folder, a hub id such as 'Qwen/Qwen2.5-VL-3B-Instruct', or a built-in name {TINY_MODEL_NAMES}"
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise FileNotFoundError(
+                f"model {name!r}: no local folder of that name, and HF_HUB_OFFLINE=1 with the hub id not in the "
+                f"Hugging Face cache; download it where there is network (`hf download {name}`), pass a local "
+                f"checkpoint folder, or use a built-in name {TINY_MODEL_NAMES}"
+            )
+    return name
+
+
+# -- quantisation -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def check_quantization_supported(quantization: str | None, device: str | None = None) -> None:
+    """Raise a RuntimeError saying what to do if bitsandbytes cannot run `quantization` here.
+
+    Runs one small quantised matmul on `device` (default: cuda if available, else cpu), since
+    bitsandbytes imports fine on hardware where its kernels then fail.
+    """
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not supported; use one of {QUANTIZATIONS} or None")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fix = "set quantization: null (bf16 LoRA needs about 4x the weight memory) or install a bitsandbytes build for this hardware"
+    try:
+        import bitsandbytes as bnb
+
+        if quantization == "4bit":
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+        layer = layer.to(device)
+        out = layer(torch.ones(2, 64, device=device))
+        if not torch.isfinite(out).all():
+            raise RuntimeError("non-finite output from a quantised test layer")
+    except Exception as err:  # ImportError, missing kernels, unsupported device
+        raise RuntimeError(
+            f"bitsandbytes cannot run {quantization} quantisation on {device!r} ({type(err).__name__}: {err}); {fix}"
+        ) from err
+
+
+def _quantization_config(quantization: str, quantize_vision: bool) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    skip = ["lm_head"] if quantize_vision else list(QUANT_SKIP_MODULES)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,  # also runs on CPU with bitsandbytes 0.50
+            llm_int8_skip_modules=skip,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+# -- the policy --------------------------------------------------------------------------------
+def load_policy(
+    model_name_or_path: str,
+    *,
+    dtype: str = "auto",
+    quantization: str | None = None,
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    quantize_vision: bool = False,
+    device_map: Any = None,
+) -> tuple[Any, Any]:
+    """Load (model, processor) ready to train.
+
+    - lora None, no quantization: full fine-tuning (every weight trainable);
+    - lora set: a peft model with only the adapter trainable;
+    - quantization "4bit"/"8bit" (needs lora to train): bitsandbytes with the vision tower and
+      lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`.
+    The tokenizer pads on the left, as batched generation needs.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    check_quantization_supported(quantization)
+    path = resolve_model_path(model_name_or_path)
+
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        kwargs["quantization_config"] = _quantization_config(quantization, quantize_vision)
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing the weights
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {model_name_or_path!r} from {path!r}: {err}. Check the hub id / folder, network "
+            f"access (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and that the checkpoint is complete."
+        ) from err
+    _configure_processor(processor, min_pixels, max_pixels)
+
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, upcasts the unquantised weights to fp32; checkpointing is enabled below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if lora is None:
+            log.warning("quantization=%s without lora: the model is frozen; pass lora=LoraSettings() to fine-tune",
+                        quantization)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora.to_peft())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        log.info("LoRA: %d of %d parameters trainable (%.3f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
+    return model, processor
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing, which gives gradients to LoRA weights behind frozen layers."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Training forwards never use the KV cache; say so, or every forward warns. generate() still caches.
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.use_cache = False
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # belt and braces for reentrant checkpointing set elsewhere
+
+
+def _configure_processor(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Left padding for batched generation; optional pixel bounds (cap visual tokens per image)."""
+    from transformers.image_utils import SizeDict
+
+    processor.tokenizer.padding_side = "left"
+    if min_pixels is None and max_pixels is None:
+        return
+    for sub in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
+        if sub is None or not hasattr(sub, "size"):
+            continue
+        lo = min_pixels if min_pixels is not None else sub.size["shortest_edge"]
+        hi = max_pixels if max_pixels is not None else sub.size["longest_edge"]
+        if lo > hi:
+            raise ValueError(f"min_pixels={lo} is larger than max_pixels={hi}; lower min_pixels or raise max_pixels")
+        sub.size = SizeDict(shortest_edge=lo, longest_edge=hi)
+
+
+def sanitize_completion_ids(ids: torch.Tensor, processor_or_tokenizer: Any) -> torch.Tensor:
+    """Copy of `ids` with vision special tokens replaced by the pad id.
+
+    A sampled completion may contain <|image_pad|> (or <|vision_start|> ...). Fed back with the
+    prompt's pixel_values, Qwen2.5-VL then counts more image tokens than image features and raises
+    "Image features and image tokens do not match". Those positions must be masked out of the loss
+    anyway; replacing the ids lets the forward run.
+    """
+    tok = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    vision_ids = [i for i in tok.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS)) if i is not None and i >= 0]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hit = torch.isin(ids, torch.tensor(vision_ids, device=ids.device, dtype=ids.dtype))
+    return ids.masked_fill(hit, pad)
+
+
+# -- reference model, adapters -----------------------------------------------------------------
+def has_adapter(model: Any) -> bool:
+    """True for a peft model (LoRA): its reference is the same weights with the adapter off."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def reference_forward(model: Any) -> Iterator[Any]:
+    """Within the block, `model` computes the reference (base) outputs: the adapter is disabled."""
+    if not has_adapter(model):
+        raise TypeError(
+            f"reference_forward needs a peft (LoRA) model, got {type(model).__name__}; for full fine-tuning "
+            "use frozen_copy(model) as the reference"
+        )
+    with model.disable_adapter():
+        yield model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A separate frozen reference for full fine-tuning (a second full copy of the weights)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors only (the LoRA adapter, or every weight in full fine-tuning)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: Any, path: str | Path) -> Path:
+    """Write the adapter in peft's format: `PeftModel.from_pretrained(base, path)` loads it anywhere."""
+    if not has_adapter(model):
+        raise TypeError(f"save_adapter needs a peft (LoRA) model, got {type(model).__name__}; save a full model "
+                        "with model.save_pretrained(path)")
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
+
+
+# -- optimizer --------------------------------------------------------------------------------
+def build_optimizer(
+    name: str,
+    params: Iterable[Any],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """"adamw" (torch), "adamw_8bit" or "paged_adamw_8bit" (bitsandbytes; optimizer state in 8 bits)."""
+    params = list(params)
+    if not params:
+        raise ValueError("build_optimizer got no parameters: nothing is trainable (set lora, or drop quantization)")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is not one of {OPTIMIZERS}")
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+    device = first.device.type
+    try:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        _probe_bnb_optimizer(cls, device)
+    except Exception as err:
+        raise RuntimeError(
+            f"optimizer={name!r} needs bitsandbytes 8-bit optimizers, which fail on {device!r} "
+            f"({type(err).__name__}: {err}); use optimizer: adamw"
+        ) from err
+    return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_bnb_optimizer(cls: type, device: str) -> None:
+    """One step on a throwaway tensor (large enough for 8-bit state) so failures surface at setup."""
+    w = nn.Parameter(torch.zeros(4096, device=device))
+    w.grad = torch.ones_like(w)
+    opt = cls([w], lr=1e-3)
+    opt.step()
