@@ -2,19 +2,59 @@
 
 A thin `LightningCLI`: the model is always `GRPOModule`, the data always `AnatomyVQADataModule`;
 callbacks (curriculum, augmentation, checkpoints) come from the YAML. Configs are parsed in
-omegaconf mode, so `${model.num_generations}`-style interpolation works.
+omegaconf mode, so `${run_name}`-style interpolation works. Two additions for users: an unknown
+config key is answered with the nearest valid key, and our own input errors (bad data, a model
+path that does not exist, 4-bit on hardware that cannot do it) end in one clear line, not a
+traceback (set ANATOMY_LIGHTNING_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
+from typing import Any, NoReturn
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
+from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.module import GRPOModule
+
+_UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
+
+
+def nearest_keys(parser: Any, group: str, key: str) -> list[str]:
+    """Valid keys of `group` (e.g. "model") close to the misspelt `key`."""
+    prefix = f"{group}." if group else ""
+    valid = list(dict.fromkeys(d[len(prefix):] for d in _all_dests(parser) if d.startswith(prefix)))
+    return difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+
+
+def _all_dests(parser: Any) -> list[str]:
+    """Every option name of a parser and of its subcommand parsers (the error may come from either)."""
+    dests = []
+    for action in parser._actions:
+        dests.append(action.dest)
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            dests.extend(_all_dests(sub))
+    return dests
+
+
+class SuggestingParser(LightningArgumentParser):
+    """Adds 'did you mean ...' to jsonargparse's unknown-key errors."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        for kind, group, key in _UNKNOWN.findall(message):
+            if kind == "Subcommand":  # the key is already dotted: "model.num_generation"
+                group, _, key = key.rpartition(".")
+            close = nearest_keys(self, group, key)
+            if close:
+                message += f" (did you mean {' or '.join(f'{group}.{c}' for c in close)}?)"
+                break
+        super().error(message, ex)
 
 
 class AnatomyCLI(LightningCLI):
@@ -28,13 +68,28 @@ class AnatomyCLI(LightningCLI):
 def main(args: list[str] | None = None) -> AnatomyCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return AnatomyCLI(
-        GRPOModule,
-        AnatomyVQADataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return AnatomyCLI(
+            GRPOModule,
+            AnatomyVQADataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_class=SuggestingParser,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
+        if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _ours(err: BaseException) -> bool:
+    """True when the error was raised by this project's code (a user-facing message), not a library bug."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "anatomy_lightning" in tb.tb_frame.f_code.co_filename
 
 
 if __name__ == "__main__":
