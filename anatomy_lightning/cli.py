@@ -65,8 +65,19 @@ class AnatomyCLI(LightningCLI):
         parser.add_argument("--run_name", type=str, default="run", help="Names this run's output folders.")
 
 
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our INFO lines on stderr. Not `basicConfig`: Lightning has its own handler, and a root
+    handler would print each of its lines twice."""
+    logger = logging.getLogger("anatomy_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def main(args: list[str] | None = None) -> AnatomyCLI:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return AnatomyCLI(

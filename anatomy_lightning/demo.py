@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--warm-start-steps", type=int, default=60)
     args, extra = parser.parse_known_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from anatomy_lightning.cli import setup_logging
+
+    setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_demo(args.config, args.max_steps, args.warm_start_steps, extra)
 

