@@ -45,6 +45,7 @@ def run_demo(
     config: str = "configs/demo.yaml",
     max_steps: int | None = None,
     warm_start_steps: int = 60,
+    answer_form: str = "text",
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the four phases and return the before/after figures (also written to `summary.json`)."""
@@ -56,12 +57,14 @@ def run_demo(
     if max_steps is not None:
         extra.append(f"--trainer.max_steps={max_steps}")
 
+    from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE
     from anatomy_lightning.warm_start import format_warm_start
 
     log.info("[1/4] format warm start (answers carry no information about the gold option)")
     warm = format_warm_start(
         str(cfg["model"]["model"]), _synthetic_questions(cfg), out / "warm_start",
-        steps=warm_start_steps, seed=int(cfg.get("seed_everything", 0) or 0),
+        steps=warm_start_steps, seed=int(cfg.get("seed_everything", 0) or 0), answer_form=answer_form,
+        template=str(cfg["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE),
     )
     common = ["--config", config, f"--model.model={warm}", *extra]
 
@@ -102,12 +105,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--warm-start-steps", type=int, default=60)
+    parser.add_argument("--answer-form", choices=("letter", "text"), default="text",
+                        help="what the warm start teaches inside <answer> (a random option either way)")
     args, extra = parser.parse_known_args()
     from anatomy_lightning.cli import setup_logging
 
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_demo(args.config, args.max_steps, args.warm_start_steps, extra)
+    run_demo(args.config, args.max_steps, args.warm_start_steps, args.answer_form, extra)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,17 @@ log = logging.getLogger(__name__)
 THINK = "<think> compare the options </think> "
 
 
-def format_target(q: Question, rng: random.Random) -> str:
-    """The supervised target: the answer format with a letter that ignores the gold answer."""
-    return f"{THINK}<answer>{LETTERS[rng.randrange(len(q.options))]}</answer><|im_end|>"
+ANSWER_FORMS = ("letter", "text")
+
+
+def format_target(q: Question, rng: random.Random, answer_form: str = "letter") -> str:
+    """The supervised target: the answer format with an option drawn uniformly at random, so it
+    ignores the gold answer. `answer_form` "text" writes the option's text instead of its letter
+    (both are accepted by the accuracy reward); a small policy learns image -> name far more easily
+    than image -> name -> position in the option list."""
+    pick = rng.randrange(len(q.options))
+    answer = q.options[pick] if answer_form == "text" else LETTERS[pick]
+    return f"{THINK}<answer>{answer}</answer><|im_end|>"
 
 
 def format_warm_start(
@@ -42,8 +50,11 @@ def format_warm_start(
     seed: int = 0,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     template: str = DEFAULT_PROMPT_TEMPLATE,
+    answer_form: str = "letter",
 ) -> Path:
     """Fine-tune `model` on format targets and save it (weights + processor) to `out_dir`."""
+    if answer_form not in ANSWER_FORMS:
+        raise ValueError(f"answer_form={answer_form!r}: use one of {ANSWER_FORMS}")
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "warm_start.txt").exists():
         log.info("warm start already at %s", out)
@@ -65,7 +76,7 @@ def format_warm_start(
         batch = rng.sample(questions, min(batch_size, len(questions)))
         prompt = encode_prompts(batch, processor, image, system_prompt, template)
         tok.padding_side = "right"  # targets follow the prompt: pad after them
-        targets = tok([format_target(q, rng) for q in batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        targets = tok([format_target(q, rng, answer_form) for q in batch], add_special_tokens=False, padding=True, return_tensors="pt")
         tok.padding_side = "left"
         t_ids, t_mask = targets["input_ids"], targets["attention_mask"]
         inputs = dict(prompt)
@@ -85,7 +96,7 @@ def format_warm_start(
     processor.save_pretrained(out)
     (out / "warm_start.txt").write_text(
         f"format-only warm start of {model}: {steps} steps, batch {batch_size}, lr {learning_rate}, seed {seed}; "
-        "answer letters drawn uniformly at random, independent of the gold answer\n"
+        f"answers ({answer_form}) drawn uniformly at random from the options, independent of the gold answer\n"
     )
     return out
 
@@ -98,11 +109,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--answer-form", choices=ANSWER_FORMS, default="letter")
     args = parser.parse_args()
     from anatomy_lightning.data.loader import load_questions
 
     questions = load_questions(args.data, image_root=args.image_root).questions
-    print(format_warm_start(args.model, questions, args.out, steps=args.steps, learning_rate=args.lr))
+    print(format_warm_start(args.model, questions, args.out, steps=args.steps, learning_rate=args.lr, answer_form=args.answer_form))
 
 
 if __name__ == "__main__":
