@@ -15,12 +15,15 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, NoReturn
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
+from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
 from anatomy_lightning.module import GRPOModule
 
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
@@ -60,9 +63,33 @@ class SuggestingParser(LightningArgumentParser):
 class AnatomyCLI(LightningCLI):
     """LightningCLI with the project's model and data classes fixed."""
 
+    # Evaluation-only knobs: what the user passes now wins over what the checkpoint was trained with.
+    EVAL_KEYS = ("predictions_file", "eval_max_new_tokens", "sample_every_n_steps")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
+        sub = self.config.get("subcommand")
+        given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            if value is not None:
+                self.config[sub]["model"][key] = value
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         # a name the YAML interpolates into checkpoint and TensorBoard folders: ${run_name}
         parser.add_argument("--run_name", type=str, default="run", help="Names this run's output folders.")
+
+    def before_instantiate_classes(self) -> None:
+        """Check the model path and the quantisation before any data is read or model is built.
+
+        `load_policy` checks both again; here they fail in a second instead of after data loading.
+        """
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        model = config.get("model") if config is not None else None
+        if model is None:
+            return
+        check_quantization_supported(model.get("quantization"))
+        resolve_model_path(model.get("model"))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -76,14 +103,28 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
+# Lightning warnings that do not apply to this module's design, silenced so real ones stand out:
+# the policy is kept in eval mode on purpose (no dropout in rollouts or in the ratio), and with
+# manual optimisation a checkpoint holding the post-step weights is exactly what resuming needs.
+QUIET_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*overridden `transfer_batch_to_device`.*",
+)
+
+
 def main(args: list[str] | None = None) -> AnatomyCLI:
     setup_logging()
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # interpolate after every config file and flag is merged, so `--run_name=x` renames the folders
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         return AnatomyCLI(
             GRPOModule,
             AnatomyVQADataModule,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf+"},
             parser_class=SuggestingParser,
             save_config_kwargs={"overwrite": True},
             args=args,
