@@ -2,10 +2,13 @@
 
 Order of a training step (manual optimisation, so `num_iterations` > 1 can reuse one rollout):
   1. encode the N prompts of the batch with the model's own processor and chat template;
-  2. sample G completions per prompt (no grad, KV cache);
+  2. sample G completions per prompt (no grad; the image is encoded and the prompt prefilled once
+     per prompt, and the KV cache repeated for its G completions);
   3. score them (weighted reward functions) and compute group-normalised advantages;
   4. reference log-probs (adapter off; skipped when beta = 0) and old log-probs (only when mu > 1);
   5. mu optimiser steps on the clipped surrogate + beta * KL, each skipped if the loss is not finite.
+Every log-prob forward reuses the rollout's image features (when the vision tower is frozen) and
+runs each prompt once for its group (see `grpo.rollout`).
 The maths lives in `grpo.loss`; this class only wires it to Lightning.
 """
 
@@ -16,7 +19,6 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,11 @@ from anatomy_lightning.grpo.rollout import (
     DEFAULT_SYSTEM_PROMPT,
     VISION_TOKENS,
     Rollout,
-    SequenceInputs,
-    completion_logprobs,
     encode_prompts,
     generate,
-    sequence_inputs,
+    mask_vision_tokens,
+    rollout_logprobs,
+    vision_frozen,
     vision_token_guard,
 )
 from anatomy_lightning.models.loading import (
@@ -67,6 +69,7 @@ class GRPOModule(L.LightningModule):
         min_pixels / max_pixels: the processor's image size bounds (cap visual tokens, never truncate).
         num_generations: G, completions sampled per prompt.
         max_new_tokens, temperature, top_p, top_k: sampling settings for rollouts.
+        min_new_tokens: no end-of-turn before this many tokens (0: off; benchmarks fix lengths with it).
         mask_truncated_completions: drop completions that hit max_new_tokens from the loss.
         rewards: reward function name or "package.module:function" -> weight.
         scale_rewards: divide advantages by the group std.
@@ -98,6 +101,7 @@ class GRPOModule(L.LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_new_tokens: int = 0,
         mask_truncated_completions: bool = False,
         rewards: dict[str, float] | None = None,
         scale_rewards: bool = True,
@@ -198,6 +202,7 @@ class GRPOModule(L.LightningModule):
             temperature=hp.temperature,
             top_p=hp.top_p,
             top_k=hp.top_k,
+            min_new_tokens=0 if greedy else hp.min_new_tokens,
         )
 
     def score(self, rollout: Rollout, questions: list[Question]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -213,20 +218,28 @@ class GRPOModule(L.LightningModule):
         rewards, per_fn = self.score(ro, batch)
         adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
 
-        inputs = sequence_inputs(ro, self.image_token_id, self.processor.tokenizer.pad_token_id, self.vision_ids, self.merge)
         mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
         if hp.mask_truncated_completions:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
         mask = mask.to(self.device)
         comp = ro.completion_ids
+        comp_in = mask_vision_tokens(comp, self.vision_ids, self.processor.tokenizer.pad_token_id)
+        # The rollout's image features were made by the policy before this step's update: valid for the
+        # old policy, and for the training forward and the adapter-off reference if the tower is frozen.
+        frozen = vision_frozen(self.policy)
 
         ref_logp = old_logp = None
         with torch.no_grad():
             if hp.beta != 0:
                 with self._reference() as ref:
-                    ref_logp = completion_logprobs(ref, inputs, comp, hp.temperature, hp.logprob_batch_size)
+                    ref_logp = rollout_logprobs(
+                        ref, ro, comp_in, temperature=hp.temperature, batch_size=hp.logprob_batch_size,
+                        reuse_images=frozen and self.reference is None,
+                    )
             if hp.num_iterations > 1:
-                old_logp = completion_logprobs(self.policy, inputs, comp, hp.temperature, hp.logprob_batch_size)
+                old_logp = rollout_logprobs(
+                    self.policy, ro, comp_in, temperature=hp.temperature, batch_size=hp.logprob_batch_size
+                )
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -238,8 +251,8 @@ class GRPOModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             loss_total, chunk_metrics, finite = 0.0, defaultdict(float), True
             for s in range(0, B, step):
-                rows, groups = slice(s, s + step), slice(s // G, (s + step) // G)
-                logp = completion_logprobs(self.policy, _RowView(inputs, s, s + step), comp[rows], hp.temperature)
+                rows, groups = slice(s, min(s + step, B)), slice(s // G, (s + step) // G)
+                logp = rollout_logprobs(self.policy, ro, comp_in, rows, hp.temperature, reuse_images=frozen)
                 out = grpo_loss(
                     hp.loss_type,
                     logp,
@@ -423,13 +436,6 @@ class GRPOModule(L.LightningModule):
             root = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(self.trainer.default_root_dir)
             save_adapter(self.policy, root / "adapter")
             log.info("LoRA adapter (peft format) written to %s", root / "adapter")
-
-
-class _RowView(SequenceInputs):
-    """Rows [start, stop) of a `SequenceInputs`, as a `SequenceInputs` of their own."""
-
-    def __init__(self, full: SequenceInputs, start: int, stop: int) -> None:
-        super().__init__(full.rows(start, stop), full.pixel_rows[start:stop], full.grid_rows[start:stop])
 
 
 def format_report(rows: list[dict[str, Any]], by: dict[str, dict[Any, list[bool]]]) -> str:

@@ -2,6 +2,22 @@
 
 Shapes: N prompts, G completions each, B = N * G sequences, P prompt tokens (left padded),
 C completion tokens (right padded). Groups are consecutive rows: sequence b belongs to prompt b // G.
+
+Where the time goes, and why this module is shaped the way it is. A prompt (system text, question,
+options and, for a 448x448 image, 256 image tokens) is usually as long as its completion or longer,
+and it is the same for all G completions of its group. So (`PromptBatch`):
+  - the vision tower runs once per image per step (under no grad when it is frozen, as with LoRA
+    or QLoRA) and its features are reused by generation and by the policy, reference and
+    old-policy forwards; the mrope positions are computed once per prompt as well;
+  - generation prefills each prompt once and repeats its KV cache G times (`generate`);
+  - the log-prob forwards run the prompt once per group and the G completions on top of its
+    (repeated) KV cache (`rollout_logprobs`). The completion tokens never influence the prompt's
+    hidden states (causal attention), so this is the same function as the full-sequence forward;
+    the prompt's gradient is the sum over its G completions, which autograd gets from the repeat.
+    Activation checkpointing drops KV caches inside the checkpointed layers, so with it the
+    training forward runs whole sequences, still with shared image features and positions.
+The plain versions (`generate_hf`, `completion_logprobs` over `sequence_inputs`) stay as the
+reference the fast path is tested against, and as the path for models that are not Qwen2(.5)-VL.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.loss import token_logprobs
@@ -65,6 +82,110 @@ def encode_prompts(
 
 
 @dataclass
+class PromptBatch:
+    """The N prompts of a step, with what every forward over them shares.
+
+    Built once per step by `prepare_prompts`. `image_features` hold the vision tower's output for
+    the policy as it was at rollout time (no grad): valid for generation, for the old policy, for a
+    reference that is the policy with its adapter off (when the vision tower carries no adapter), and
+    for the training forward when the vision tower is frozen. Otherwise `image_inputs` recomputes
+    them, still once per image rather than once per completion.
+    """
+
+    inputs: dict[str, Tensor]  # processor output: input_ids, attention_mask, mm_token_type_ids (N, P), pixel_values
+    position_ids: Tensor  # (3, N, P) mrope positions (temporal, height, width); 0 on left padding
+    images_per_prompt: list[int]  # images of each prompt, in order of `image_grid_thw`
+    image_features: tuple[Tensor, ...] | None  # one (tokens_i, D) per image; None for text-only prompts
+
+    @property
+    def num_prompts(self) -> int:
+        return self.inputs["input_ids"].shape[0]
+
+    def completion_positions(self, length: int, group_size: int, rows: slice = slice(None)) -> Tensor:
+        """(3, b, length) positions of completion tokens: they continue the prompt as plain text."""
+        first = self.position_ids[0, rows, -1] + 1  # (n,) the last prompt token is text: all 3 axes agree
+        first = first.repeat_interleave(group_size)  # (b,)
+        pos = first[:, None] + torch.arange(length, device=first.device)  # (b, length)
+        return pos.unsqueeze(0).expand(3, -1, -1)
+
+    def image_inputs(self, model: Any, rows: slice, group_size: int, reuse: bool) -> dict[str, Any]:
+        """Model kwargs carrying the image features of prompts `rows`, each repeated `group_size` times.
+
+        `reuse`: take the features computed at rollout time; otherwise run `model`'s vision tower
+        on these prompts' images once (with grad if enabled) and repeat the result, which keeps
+        the autograd graph of a trainable vision tower.
+        """
+        if self.image_features is None:
+            return {}
+        start, stop, _ = rows.indices(self.num_prompts)
+        i0, i1 = sum(self.images_per_prompt[:start]), sum(self.images_per_prompt[:stop])
+        if reuse:
+            feats = list(self.image_features[i0:i1])
+        else:
+            grid = self.inputs["image_grid_thw"]
+            patches = grid.prod(-1).tolist()
+            p0, p1 = sum(patches[:i0]), sum(patches[:i1])
+            pixels = self.inputs["pixel_values"][p0:p1]
+            feats = list(vl_backbone(model).get_image_features(pixels, grid[i0:i1]).pooler_output)
+        per_prompt, k = [], 0
+        for n in self.images_per_prompt[start:stop]:
+            per_prompt.append(feats[k : k + n])
+            k += n
+        expanded = tuple(f for prompt in per_prompt for _ in range(group_size) for f in prompt)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=expanded)}}
+
+
+def vl_backbone(model: Any) -> Any | None:
+    """The Qwen2(.5)-VL inner model (`get_rope_index`, `get_image_features`), through a peft wrapper.
+
+    None for other architectures, which then take the plain `generate_hf` / `completion_logprobs`.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    needed = ("get_rope_index", "get_image_features", "visual", "language_model")
+    return inner if inner is not None and all(hasattr(inner, n) for n in needed) else None
+
+
+def vision_frozen(model: Any) -> bool:
+    """True when the vision tower neither trains nor carries an adapter (LoRA/QLoRA default).
+
+    Then its features are the same for the policy, its adapter-off reference and every iteration
+    of a step, so they are computed once per image and reused everywhere.
+    """
+    bb = vl_backbone(model)
+    if bb is None:
+        return False
+    return not any(p.requires_grad or "lora_" in n for n, p in bb.visual.named_parameters())
+
+
+def _checkpointing(model: Any) -> bool:
+    bb = vl_backbone(model)
+    return bb is not None and any(getattr(m, "gradient_checkpointing", False) for m in bb.language_model.modules())
+
+
+@torch.no_grad()
+def prepare_prompts(model: Any, inputs: dict[str, Tensor]) -> PromptBatch | None:
+    """Positions and image features of the N prompts, computed once (None: not a Qwen2(.5)-VL)."""
+    bb = vl_backbone(model)
+    if bb is None:
+        return None
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if not bool(mask[:, -1].all()):
+        raise ValueError("prompts must be left padded (processor.tokenizer.padding_side = 'left')")
+    image_id = bb.config.image_token_id
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        types = (ids == image_id).int()
+    grid = inputs.get("image_grid_thw")
+    position_ids, _ = bb.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
+    if grid is None or "pixel_values" not in inputs:
+        return PromptBatch(inputs, position_ids, [0] * ids.shape[0], None)
+    _, per_prompt = _per_prompt_images(inputs, image_id, bb.config.vision_config.spatial_merge_size)
+    feats = tuple(bb.get_image_features(inputs["pixel_values"], grid).pooler_output)  # one (tokens_i, D) per image
+    return PromptBatch(inputs, position_ids, per_prompt, feats)
+
+
+@dataclass
 class Rollout:
     prompt_inputs: dict[str, Tensor]  # the N prompts, as the processor returned them
     completion_ids: Tensor  # (B, C)
@@ -72,6 +193,7 @@ class Rollout:
     truncated: Tensor  # (B,) bool: hit max_new_tokens without an end-of-turn token
     texts: list[str]  # decoded completions, B of them
     group_size: int
+    prompts: PromptBatch | None = None  # shared positions / image features (None: plain path)
 
     @property
     def lengths(self) -> Tensor:
@@ -149,6 +271,105 @@ def completion_mask_from_ids(ids: Tensor, stop_ids: Sequence[int], pad_id: int |
     return mask, ~has_stop
 
 
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def prefill(
+    model: Any, prompts: PromptBatch, rows: slice = slice(None), reuse_images: bool = True
+) -> tuple[Any, Tensor]:
+    """One forward over prompts `rows`: their KV cache and the logits (n, V) for the first new token."""
+    ids = prompts.inputs["input_ids"][rows]
+    out = model(
+        input_ids=ids,
+        attention_mask=prompts.inputs["attention_mask"][rows],
+        position_ids=prompts.position_ids[:, rows],
+        use_cache=True,
+        logits_to_keep=1,
+        **prompts.image_inputs(model, rows, 1, reuse_images),
+    )
+    return _cache_of(out), out.logits[:, -1]
+
+
+def pick_next_token(
+    logits: Tensor, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(B,) next tokens from (B, V) float logits: argmax, or temperature / top-k / top-p sampling.
+
+    The same warpers in the same order as Hugging Face `generate` (temperature, top-k, top-p).
+    """
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Any,
+    prompts: PromptBatch,
+    num_generations: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(B, C) completion ids: prefill each prompt once, repeat its KV cache G times, then decode.
+
+    A row that has emitted a stop token is dropped from the batch (and from the KV cache), so
+    late tokens cost only the rows still writing; its remaining positions hold `pad_id`, as with
+    `generate`. Decoding ends when every row has stopped or after `max_new_tokens`. Before
+    `min_new_tokens` the stop tokens cannot be drawn (benchmarks force a fixed length with it).
+    """
+    G = num_generations
+    cache, logits = prefill(model, prompts)  # (N, V)
+    if G > 1:
+        cache.batch_repeat_interleave(G)  # (N, ...) -> (B, ...), row b from prompt b // G
+    logits = logits.float().repeat_interleave(G, dim=0)  # (b, V), b = rows still writing
+    attention = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0)  # (b, P + t)
+    next_pos = prompts.completion_positions(1, G)  # (3, b, 1)
+    B = logits.shape[0]
+    stops = torch.tensor(list(stop_ids), device=logits.device)
+    out = torch.full((B, max(max_new_tokens, 0)), pad_id, dtype=torch.long, device=logits.device)
+    rows = torch.arange(B, device=logits.device)  # the output row of each live row
+    length = 0
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, stops] = float("-inf")
+        tok = pick_next_token(logits, do_sample, temperature, top_p, top_k, generator)  # (b,)
+        out[rows, t] = tok
+        length = t + 1
+        live = ~torch.isin(tok, stops)
+        if t == max_new_tokens - 1 or not bool(live.any()):
+            break
+        if not bool(live.all()):  # drop the rows that just stopped
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tok, attention, next_pos = rows[keep], tok[keep], attention[keep], next_pos[:, keep]
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+        step = model(
+            input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos + t, cache=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        logits = step.logits[:, -1].float()
+    return out[:, :length]
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -160,8 +381,53 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_new_tokens: int = 0,
 ) -> Rollout:
-    """Sample G completions per prompt with the KV cache (one `generate` call for the batch)."""
+    """Sample G completions per prompt (greedy: `do_sample=False`), vision and prefill once per prompt.
+
+    The returned `Rollout.prompts` carries the positions and image features for the log-prob
+    forwards of the same step. Models other than Qwen2(.5)-VL go through `generate_hf`.
+    """
+    tok = processor.tokenizer
+    was_training = model.training
+    model.eval()  # no dropout while sampling, as in `generate`
+    try:
+        prompts = prepare_prompts(model, prompt_inputs)
+        if prompts is None:
+            return generate_hf(model, processor, prompt_inputs, num_generations, max_new_tokens, do_sample,
+                               temperature, top_p, top_k, min_new_tokens)
+        stop_ids = _stop_ids(tok, model)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+        completion_ids = sample_completions(
+            model, prompts, num_generations, max_new_tokens, stop_ids, pad_id, do_sample, temperature, top_p, top_k,
+            min_new_tokens,
+        )
+    finally:
+        if was_training:
+            model.train()
+    mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, pad_id)
+    texts = decode_completions(tok, completion_ids, mask)
+    return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations, prompts)
+
+
+@torch.no_grad()
+def generate_hf(
+    model: Any,
+    processor: Any,
+    prompt_inputs: dict[str, Tensor],
+    num_generations: int,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+) -> Rollout:
+    """G completions per prompt with Hugging Face `generate` (`num_return_sequences=G`).
+
+    The reference for `generate`, and its fallback for models without Qwen2(.5)-VL's interface. It
+    runs the vision tower and the prompt prefill once per *completion*, not once per prompt.
+    """
     tok = processor.tokenizer
     stop_ids = _stop_ids(tok, model)
     kwargs: dict[str, Any] = dict(
@@ -171,6 +437,7 @@ def generate(
         pad_token_id=tok.pad_token_id,
         eos_token_id=stop_ids,
         use_cache=True,
+        min_new_tokens=min_new_tokens or None,
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
@@ -261,4 +528,136 @@ def completion_logprobs(
         if temperature != 1.0:
             logits = logits / temperature
         out.append(token_logprobs(logits, completion_ids[s : s + step]))
+    return torch.cat(out)
+
+
+# -- log-probs of a rollout, prompt shared ---------------------------------------------------------
+
+
+def mask_vision_tokens(completion_ids: Tensor, vision_ids: Sequence[int], pad_id: int) -> Tensor:
+    """Completion ids to *feed* the model: vision special tokens become padding.
+
+    A sampled <|image_pad|> fed back would make the model look for image features that do not
+    exist; `vision_token_guard` keeps those positions (and what follows) out of the loss.
+    """
+    out = completion_ids.clone()
+    for v in vision_ids:
+        out[out == v] = pad_id
+    return out
+
+
+def _logprobs(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, targets)
+
+
+def _shared_prompt_logprobs(
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
+) -> Tensor:
+    """(b, C) log-probs of completions `rows` with their prompts run once per group.
+
+    The prompt forward gives the KV cache and the logits for the first completion token; the
+    cache is repeated G times (a differentiable copy: each prompt's gradient is the sum over its
+    completions) and the completions run on top of it, minus their last token (nothing to predict).
+    """
+    G, prompts = ro.group_size, ro.prompts
+    targets = ro.completion_ids[rows]  # (b, C)
+    p_rows = slice(rows.start // G, rows.stop // G)
+    cache, first = prefill(model, prompts, p_rows, reuse_images)  # first: (n, V)
+    first = first.repeat_interleave(G, dim=0).unsqueeze(1)  # (b, 1, V)
+    first = _logprobs(first, targets[:, :1], temperature)  # (b, 1)
+    C = inputs.shape[1]
+    if C == 1:
+        return first
+    cache.batch_repeat_interleave(G)
+    prompt_mask = prompts.inputs["attention_mask"][p_rows].repeat_interleave(G, dim=0)  # (b, P)
+    comp_mask = ro.completion_mask[rows, : C - 1].to(prompt_mask.dtype)
+    out = model(
+        input_ids=inputs[:, : C - 1],
+        attention_mask=torch.cat([prompt_mask, comp_mask], dim=1),  # (b, P + C - 1)
+        position_ids=prompts.completion_positions(C - 1, G, p_rows),
+        cache=cache,
+        use_cache=True,
+    )  # logits (b, C - 1, V)
+    return torch.cat([first, _logprobs(out.logits, targets[:, 1:], temperature)], dim=1)
+
+
+def _full_sequence_logprobs(
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
+) -> Tensor:
+    """(b, C) log-probs from whole prompt + completion rows (what activation checkpointing needs).
+
+    Image features and positions are still shared: computed once per prompt, repeated G times.
+    """
+    G, prompts = ro.group_size, ro.prompts
+    p_rows = slice(rows.start // G, rows.stop // G)
+    C = inputs.shape[1]
+    prompt_ids = prompts.inputs["input_ids"][p_rows].repeat_interleave(G, dim=0)  # (b, P)
+    prompt_mask = prompts.inputs["attention_mask"][p_rows].repeat_interleave(G, dim=0)  # (b, P)
+    positions = torch.cat(
+        [prompts.position_ids[:, p_rows].repeat_interleave(G, dim=1), prompts.completion_positions(C, G, p_rows)], dim=2
+    )  # (3, b, P + C)
+    out = model(
+        input_ids=torch.cat([prompt_ids, inputs], dim=1),
+        attention_mask=torch.cat([prompt_mask, ro.completion_mask[rows].to(prompt_mask.dtype)], dim=1),
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=C + 1,
+        **prompts.image_inputs(model, p_rows, G, reuse_images),
+    )
+    return _logprobs(out.logits[:, :-1], ro.completion_ids[rows], temperature)
+
+
+def _plain_logprobs(
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
+) -> Tensor:
+    """(b, C) log-probs the plain way (every row re-runs prompt and images): not a Qwen2(.5)-VL."""
+    cfg = model.config
+    merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
+    seq = expand_prompts(ro.prompt_inputs, ro.group_size, getattr(cfg, "image_token_id", -1), merge)
+    batch = dict(seq.rows(rows.start, rows.stop))
+    C = inputs.shape[1]
+    prompt_mask = batch["attention_mask"]
+    batch["input_ids"] = torch.cat([batch["input_ids"], inputs], dim=1)
+    batch["attention_mask"] = torch.cat([prompt_mask, ro.completion_mask[rows].to(prompt_mask.dtype)], dim=1)
+    if "mm_token_type_ids" in batch:
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(inputs)], dim=1)
+    logits = model(**batch, use_cache=False, logits_to_keep=C + 1).logits[:, :-1]  # (b, C, V)
+    return _logprobs(logits, ro.completion_ids[rows], temperature)
+
+
+def rollout_logprobs(
+    model: Any,
+    ro: Rollout,
+    completion_inputs: Tensor,
+    rows: slice | None = None,
+    temperature: float = 1.0,
+    reuse_images: bool = True,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Per-token log-probs (b, C) of the completions in `rows` (whole groups) under `model`.
+
+    `completion_inputs`: `ro.completion_ids` after `mask_vision_tokens`; the log-probs are of the
+    sampled ids themselves. `reuse_images`: whether the rollout's image features are valid for
+    `model` (see `PromptBatch`). `batch_size`: rows per forward, rounded to whole groups. Prompts
+    are shared across their group unless activation checkpointing is on and gradients are needed.
+    """
+    G = ro.group_size
+    B = ro.completion_ids.shape[0]
+    rows = rows or slice(0, B)
+    start, stop, _ = rows.indices(B)
+    if start % G or (stop % G and stop != B):
+        raise ValueError(f"rows {start}:{stop} must cover whole groups of {G} completions")
+    step = max(G, (batch_size or (stop - start)) // G * G)
+    if ro.prompts is None:
+        forward = _plain_logprobs
+    elif torch.is_grad_enabled() and _checkpointing(model):
+        forward = _full_sequence_logprobs
+    else:
+        forward = _shared_prompt_logprobs
+    out = []
+    for s in range(start, stop, step):
+        r = slice(s, min(s + step, stop))
+        out.append(forward(model, ro, completion_inputs[r], r, reuse_images, temperature))
     return torch.cat(out)
