@@ -268,7 +268,9 @@ class GRPOModule(L.LightningModule):
                     group_size=G,
                 )
                 w = chunk_weight(hp.loss_type, mask[rows], mask, adv.has_signal[groups], adv.has_signal)
-                if not torch.isfinite(out.loss):
+                # every rank takes the same decision: under DDP a rank that skipped its backward
+                # would leave the others waiting in the gradient all-reduce
+                if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out.loss)), all=True):
                     finite = False
                     break
                 self.manual_backward(out.loss * w)
@@ -282,7 +284,7 @@ class GRPOModule(L.LightningModule):
                 metrics["alpha"] = adv.has_signal.numel() / max(1, int(adv.has_signal.sum()))
             if finite:
                 grad_norm = self._clip_gradients(opt)
-                finite = math.isfinite(grad_norm)
+                finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(grad_norm), all=True)
             if not finite:
                 self.non_finite_steps += 1
                 log.warning("step %d: non-finite loss or gradient, optimizer step skipped", self.global_step)

@@ -8,7 +8,6 @@ callbacks read the questions directly.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anatomy_lightning.data.loader import load_questions
@@ -38,6 +38,9 @@ class SyntheticSettings:
     image_size: int = 56
     grid: int = 2
     num_options: int = 4
+    kinds: tuple[str, ...] = ("position", "relation")  # question kinds: position, relation, tool
+    questions_per_scene: int = 2
+    unique_scenes: bool = True  # grid 1 has only as many layouts as anatomies: set false there
     out_dir: str = "outputs/synthetic"
 
 
@@ -63,17 +66,48 @@ class _Questions(Dataset):
 
 
 class _RankSlice(Sampler[int]):
-    """Sequential evaluation order, one contiguous slice per rank (no padding, no duplicates)."""
+    """Sequential evaluation order, one contiguous slice per rank (no padding, no duplicates).
 
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        per = math.ceil(n / world_size)
-        self.indices = list(range(rank * per, min(n, (rank + 1) * per)))
+    Slice sizes differ by at most one, so no rank is left without questions while another has
+    some: a rank with an empty loader skips validation and the others would wait for it forever
+    in the cross-rank reductions of the accuracy.
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, what: str = "evaluation") -> None:
+        if 0 < n < world_size:
+            raise DataError(
+                f"data: {n} {what} questions cannot be split over {world_size} processes (each needs at least one); "
+                f"add {what} questions or run on at most {n} devices"
+            )
+        self.indices = list(range(rank * n // world_size, (rank + 1) * n // world_size))
 
     def __iter__(self):
         return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class _TrainLoader(DataLoader):
+    """The training DataLoader, marked resumable for Lightning.
+
+    The position inside the epoch lives in the `StageSampler` and is checkpointed with the
+    DataModule's own `state_dict`; these two methods only tell Lightning that the loader resumes
+    mid-epoch, so it does not warn that resuming from a mid-epoch checkpoint is unreliable.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """A private generator for a DataLoader: creating an iterator then draws its worker base seed
+    from here instead of the global torch RNG, so starting an epoch (or a resumed run) does not
+    shift the random stream that sampling completions uses."""
+    return torch.Generator().manual_seed(seed)
 
 
 def _collate_train(items: list[tuple[Question, Cursor]]) -> tuple[list[Question], list[Cursor]]:
@@ -149,8 +183,15 @@ class AnatomyVQADataModule(L.LightningDataModule):
         if report.skipped:
             log.warning("%s: skipped %d bad records (%s)", path, report.skipped, ", ".join(report.problems))
         if report.missing_images:
+            wanted, examples = report.missing_images[:3], []
+            unit = "line" if str(path).endswith(".jsonl") else "record"  # how the loader numbers records
+            for q in report.questions:
+                for p in q.images:
+                    if p in wanted:
+                        wanted.remove(p)
+                        examples.append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p}")
             raise DataError(
-                f"{path}: {len(report.missing_images)} image files are missing, e.g. {report.missing_images[:3]}; "
+                f"{path}: {len(report.missing_images)} image files are missing, e.g. {'; '.join(examples)}; "
                 "set data.image_root to the folder the paths are relative to"
             )
         log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
@@ -163,7 +204,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
         assert s is not None
         return write_synthetic_dataset(
             s.out_dir, s.n_train, s.n_val, s.n_test, seed=s.seed,
-            image_size=s.image_size, grid=s.grid, num_options=s.num_options,
+            image_size=s.image_size, grid=s.grid, num_options=s.num_options, kinds=tuple(s.kinds),
+            questions_per_scene=s.questions_per_scene, unique_scenes=s.unique_scenes,
         )
 
     def prepare_data(self) -> None:
@@ -255,29 +297,31 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self.sampler
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return _TrainLoader(
             _Questions(self.train_questions),
             batch_size=self.batch_size,
             sampler=self._sampler(),
             collate_fn=_collate_train,
             num_workers=self.num_workers,
+            generator=_own_generator(self.seed),
         )
 
-    def _eval_loader(self, questions: list[Question]) -> DataLoader:
+    def _eval_loader(self, questions: list[Question], what: str) -> DataLoader:
         rank, world = self._rank_world()
         return DataLoader(
             _Questions(questions),
             batch_size=self.eval_batch_size,
-            sampler=_RankSlice(len(questions), rank, world),
+            sampler=_RankSlice(len(questions), rank, world, what),
             collate_fn=_collate_eval,
             num_workers=self.num_workers,
+            generator=_own_generator(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_questions)
+        return self._eval_loader(self.val_questions, "validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_questions or self.val_questions)
+        return self._eval_loader(self.test_questions or self.val_questions, "test")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""

@@ -1,0 +1,88 @@
+"""Test-only callback: after every training step, each rank appends its view of the run's state to
+`$STATE_DUMP_DIR/rank<r>.jsonl` (batch, group rewards, curriculum, augmentation queue, sampler,
+a fingerprint of the weights), so subprocess tests can compare ranks and runs step by step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def _fingerprint(module: L.LightningModule) -> str:
+    h = hashlib.sha1()
+    for name, p in sorted(module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class StateDump(Callback):
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        folder = Path(os.environ.get("STATE_DUMP_DIR", "state_dump"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rank{trainer.global_rank}.jsonl"
+
+    def _callback(self, trainer: L.Trainer, name: str) -> Any:
+        return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        questions = batch if isinstance(batch, list) else batch[0]
+        rewards = outputs["group_rewards"]
+        curriculum = self._callback(trainer, "CurriculumCallback")
+        augmentation = self._callback(trainer, "GroupDiversityCallback")
+        dm = trainer.datamodule
+        row = {
+            "step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "ids": [q.id for q in questions],
+            "group_rewards": rewards.tolist(),
+            "group_shape": list(rewards.shape),
+            "curriculum": curriculum.state.state_dict() if curriculum is not None else None,
+            "augmenter": augmentation.augmenter.state_dict() if augmentation is not None else None,
+            "sampler": dm.sampler.state_dict() if dm.sampler is not None else None,
+            "weights": _fingerprint(pl_module),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "time": time.time(),
+            "torch_rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16],
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+class NonFiniteLossOnRank(Callback):
+    """Fault injection: the GRPO loss of one training step is NaN on one rank only (as when one rank's
+    batch hits an overflow), to see whether the ranks stay in step."""
+
+    def __init__(self, rank: int = 1, batch_idx: int = 0) -> None:
+        self.rank, self.batch_idx = rank, batch_idx
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import anatomy_lightning.module as module_py
+
+        real = getattr(module_py.grpo_loss, "__wrapped__", module_py.grpo_loss)
+        if trainer.global_rank != self.rank or batch_idx != self.batch_idx:
+            module_py.grpo_loss = real
+            return
+
+        def nan_loss(*args: Any, **kwargs: Any) -> Any:
+            out = real(*args, **kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+
+        nan_loss.__wrapped__ = real  # type: ignore[attr-defined]
+        module_py.grpo_loss = nan_loss
