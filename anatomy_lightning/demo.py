@@ -44,7 +44,7 @@ def _synthetic_questions(config: dict[str, Any]) -> list[Any]:
 def run_demo(
     config: str = "configs/demo.yaml",
     max_steps: int | None = None,
-    warm_start_steps: int = 60,
+    warm_start_steps: int = 300,
     answer_form: str = "text",
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
-    parser.add_argument("--warm-start-steps", type=int, default=60)
+    parser.add_argument("--warm-start-steps", type=int, default=300)
     parser.add_argument("--answer-form", choices=("letter", "text"), default="text",
                         help="what the warm start teaches inside <answer> (a random option either way)")
     args, extra = parser.parse_known_args()
