@@ -760,8 +760,8 @@ def write_report(out: Path, results: Mapping[str, Any], figures: Mapping[str, Pa
 Config `{s["config"]}`{" (**--quick smoke test: numbers are meaningless**)" if s["quick"] else ""}; arms {", ".join(s["arms"])};
 seeds {s["seeds"]}; {s["max_steps"]} optimizer steps × {s["batch_size"]} prompts × G={s["num_generations"]} completions
 = {s["completions_per_run"]} sampled completions per run in every arm (equal compute: augmented questions replace
-batch rows). All runs start from one format warm start ({s["warm_start_steps"]} steps, answers drawn at random, so
-its accuracy is chance level). Held-out test: {results["baseline"]["n"]} questions ({stage_note}; stage 0 = least
+batch rows). All runs start from one format warm start ({s["warm_start_steps"]} steps, answers drawn at random from
+the options, so it carries no information about the gold option; its measured accuracy is the first row below). Held-out test: {results["baseline"]["n"]} questions ({stage_note}; stage 0 = least
 similar options = easiest), the same for every run; greedy decoding.
 
 ## Held-out accuracy (mean ± std over seeds)
