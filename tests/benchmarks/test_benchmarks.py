@@ -25,13 +25,7 @@ trl_speed = _load("trl_speed")
 gpu_memory = _load("gpu_memory")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The runs below use the tiny model: threads only cost time on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- trl_speed -------------------------------------------------------------------------------------

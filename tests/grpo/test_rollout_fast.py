@@ -24,13 +24,7 @@ def length_reward(completions: list[str], questions: list, **kwargs) -> list[flo
     return [float(len(c) % 5) for c in completions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy shared CPU they lose 10-30x to them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
