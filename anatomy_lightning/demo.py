@@ -41,6 +41,16 @@ def _synthetic_questions(config: dict[str, Any]) -> list[Any]:
     return load_questions(str(files["train"]), check_images=True).questions
 
 
+def _run_name(extra: list[str]) -> str | None:
+    """The `--run_name` given on the command line (it renames the output and checkpoint folders)."""
+    for i, arg in enumerate(extra):
+        if arg.startswith("--run_name="):
+            return arg.split("=", 1)[1]
+        if arg == "--run_name" and i + 1 < len(extra):
+            return extra[i + 1]
+    return None
+
+
 def run_demo(
     config: str = "configs/demo.yaml",
     max_steps: int | None = None,
@@ -51,9 +61,9 @@ def run_demo(
     """Run the four phases and return the before/after figures (also written to `summary.json`)."""
     t0 = time.perf_counter()
     cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
-    run_name = str(cfg.get("run_name", "demo"))
-    out = Path("outputs") / run_name
     extra = list(extra or [])
+    run_name = _run_name(extra) or str(cfg.get("run_name", "demo"))
+    out = Path("outputs") / run_name
     if max_steps is not None:
         extra.append(f"--trainer.max_steps={max_steps}")
 
@@ -62,7 +72,7 @@ def run_demo(
 
     log.info("[1/4] format warm start (answers carry no information about the gold option)")
     warm = format_warm_start(
-        str(cfg["model"]["model"]), _synthetic_questions(cfg), out / "warm_start",
+        str(cfg["model"]["model"]), _synthetic_questions(cfg), out / f"warm_start_{answer_form}_{warm_start_steps}steps",
         steps=warm_start_steps, seed=int(cfg.get("seed_everything", 0) or 0), answer_form=answer_form,
         template=str(cfg["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE),
     )

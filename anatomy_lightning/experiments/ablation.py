@@ -117,7 +117,7 @@ class Settings:
     seeds: list[int]
     arms: list[str]
     max_steps: int | None = None
-    warm_start_steps: int = 60
+    warm_start_steps: int = 300  # as the demo
     quick: bool = False
     force: bool = False
     extra: list[str] = field(default_factory=list)  # passed through to every fit/test call
@@ -897,7 +897,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (0 with --quick)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps (every arm)")
-    parser.add_argument("--warm-start-steps", type=int, default=60)
+    parser.add_argument("--warm-start-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test of the pipeline")
     parser.add_argument("--force", action="store_true", help="rerun runs whose results are already in --out")
     args, extra = parser.parse_known_args(argv)

@@ -130,6 +130,23 @@ def accuracy_reward(
     ]
 
 
+def option_text_reward(
+    completions: list[str], questions: list[Question], **kwargs: Any
+) -> list[float]:
+    """1.0 when the last <answer> names the gold option by its *text*; a bare letter scores 0.
+
+    For prompts that ask for the option's name: there a letter is a shortcut a weak policy can
+    collapse onto (always "C" earns 1/4 of the reward without looking at the image).
+    """
+    _check_lengths(completions, questions)
+    out = []
+    for c, q in zip(completions, questions):
+        found = _ANSWER_RE.findall(c)
+        answer = _LEAD_IN_RE.sub("", found[-1].strip(), count=1).strip() if found else ""
+        out.append(1.0 if answer and _text_choice(answer, q.options) == q.answer_index else 0.0)
+    return out
+
+
 def format_reward(completions: list[str], questions: list[Question], **kwargs: Any) -> list[float]:
     """1.0 for exactly `<think>...</think> <answer>...</answer>` (whitespace around allowed).
 
@@ -146,6 +163,7 @@ def format_reward(completions: list[str], questions: list[Question], **kwargs: A
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "accuracy": accuracy_reward,
+    "option_text": option_text_reward,
     "format": format_reward,
 }
 

@@ -17,6 +17,7 @@ from anatomy_lightning.grpo.rewards import (
     accuracy_reward,
     extract_choice,
     format_reward,
+    option_text_reward,
     resolve_reward_function,
 )
 
@@ -127,6 +128,23 @@ def test_accuracy_reward_batch_repeats_questions_per_group() -> None:
     assert accuracy_reward(completions, [QUESTION, QUESTION, other, other]) == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_option_text_reward_scores_the_name_not_the_letter() -> None:
+    completions = [
+        _answer("Liver"),  # gold by name
+        _answer("the liver"),  # article and case do not matter
+        _answer("Answer: Liver"),  # lead-in dropped as in accuracy
+        _answer("C"),  # gold letter: the shortcut this reward closes
+        _answer("C. Liver"),  # the name is there, the letter is ignored
+        _answer("C. Gut"),  # ...so this names Gut, not the gold letter's Liver
+        _answer("Gut"),  # another option
+        "<think>x</think> Liver",  # no answer tag
+        _answer(""),
+    ]
+    assert option_text_reward(completions, [QUESTION] * len(completions)) == [1, 1, 1, 0, 1, 0, 0, 0, 0]
+    assert accuracy_reward(completions[3:5], [QUESTION] * 2) == [1.0, 1.0]  # the lenient one accepts letters
+    assert resolve_reward_function("option_text") is option_text_reward
+
+
 FORMAT_TABLE = [
     ("<think>reasoning</think><answer>C</answer>", 1.0),
     ("<think>reasoning</think> <answer>C</answer>", 1.0),
@@ -160,7 +178,7 @@ def test_rewards_reject_mismatched_lengths() -> None:
 
 def test_resolve_builtin_and_import_path() -> None:
     assert resolve_reward_function("accuracy") is accuracy_reward
-    assert set(REWARD_FUNCTIONS) == {"accuracy", "format"}
+    assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "option_text"}
     user = resolve_reward_function("tests.grpo.test_rewards:length_penalty")
     assert user(["abcd", "ab"], [QUESTION, QUESTION]) == [-0.04, -0.02]
 
