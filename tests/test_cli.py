@@ -134,3 +134,15 @@ def test_fit_then_test_on_the_demo_config(tmp_path: Path) -> None:
     assert len(rows) == 12
     assert {"id", "question", "options", "gold", "prediction", "correct", "completion", "anatomy", "stage"} <= set(rows[0])
     assert "per anatomy (gold option):" in test.stdout and "per difficulty stage" in test.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [([], None), (["--run_name=trial7"], "trial7"), (["--trainer.max_steps=3", "--run_name", "b"], "b")],
+)
+def test_demo_follows_the_run_name_of_the_command_line(extra: list[str], expected: str | None) -> None:
+    """The demo's own folders (summary, predictions, the checkpoint it tests) follow `--run_name`,
+    as the CLI's do; otherwise `test` after `fit` would load another run's last.ckpt."""
+    from anatomy_lightning.demo import _run_name
+
+    assert _run_name(extra) == expected

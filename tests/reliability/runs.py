@@ -39,7 +39,7 @@ def write_override(
                     "class_path": "anatomy_lightning.callbacks.checkpoint.ResumableCheckpoint",
                     "init_args": {
                         "dirpath": "checkpoints/demo",
-                        "filename": "step{step}",
+                        "filename": "{step}",
                         "save_last": True,
                         "every_n_train_steps": ckpt_every,
                         "save_top_k": -1,

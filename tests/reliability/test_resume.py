@@ -23,7 +23,7 @@ import torch
 from tests.reliability.runs import check, fit_command, read_dump, run_env, without_run_dir, write_override
 
 MAX_STEPS, VAL_EVERY, CKPT_EVERY = 8, 4, 2
-STEP_FILE = re.compile(r"^stepstep=(\d+)\.ckpt$")
+STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
 
 
 def _checkpoint_steps(folder: Path) -> list[int]:
