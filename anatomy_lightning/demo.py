@@ -4,9 +4,10 @@
 and the synthetic surgical scenes. Every step goes through the same `LightningCLI` a real run uses
 (`configs/demo.yaml`); only the model path is swapped for the warm-started folder.
 
-Why a warm start: a randomly initialised policy never writes `<answer>X</answer>`, so all rewards
-are 0 and GRPO has no signal. The warm start teaches the answer *format* with letters drawn at
-random (see `warm_start.py`), so the "before" accuracy is chance level and the gain is GRPO's.
+Why a warm start: a randomly initialised policy never writes `<answer>...</answer>`, so all rewards
+are 0 and GRPO has no signal. The warm start teaches the answer *format* with an option name drawn
+at random (see `warm_start.py`): it carries no information about the gold option, so whatever the
+policy gets right beyond guessing afterwards is GRPO's.
 """
 
 from __future__ import annotations

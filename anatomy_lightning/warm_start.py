@@ -2,9 +2,10 @@
 
 A policy with random weights almost never writes `<think>...</think> <answer>X</answer>`, so every
 group would have zero reward spread and GRPO would have nothing to learn from. This step teaches
-the format with answers that carry no information about the correct option: the letter in each
-target is drawn uniformly from the question's letters, independent of the gold answer. Accuracy
-after the warm start is therefore chance level; everything above it is learnt by GRPO.
+the format with answers that carry no information about the correct option: the option in each
+target (its letter or its text, `answer_form`) is drawn uniformly, independent of the gold answer.
+Accuracy after the warm start is therefore at most chance level (below it where a short warm start
+has not learnt to copy the option names); everything above that is learnt by GRPO.
 Real instruction-tuned checkpoints (Qwen2.5-VL-*-Instruct) do not need it.
 """
 
