@@ -69,13 +69,15 @@ def run_demo(
         extra.append(f"--trainer.max_steps={max_steps}")
 
     from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE
-    from anatomy_lightning.warm_start import format_warm_start
+    from anatomy_lightning.warm_start import cache_dir, format_warm_start
 
     log.info("[1/4] format warm start (answers carry no information about the gold option)")
+    model, seed = str(cfg["model"]["model"]), int(cfg.get("seed_everything", 0) or 0)
+    template = str(cfg["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
     warm = format_warm_start(
-        str(cfg["model"]["model"]), _synthetic_questions(cfg), out / f"warm_start_{answer_form}_{warm_start_steps}steps",
-        steps=warm_start_steps, seed=int(cfg.get("seed_everything", 0) or 0), answer_form=answer_form,
-        template=str(cfg["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE),
+        model, _synthetic_questions(cfg),
+        cache_dir(out, model, cfg["data"]["synthetic"], template, seed, steps=warm_start_steps, answer_form=answer_form),
+        steps=warm_start_steps, seed=seed, answer_form=answer_form, template=template,
     )
     common = ["--config", config, f"--model.model={warm}", *extra]
 

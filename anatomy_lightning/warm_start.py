@@ -12,6 +12,8 @@ Real instruction-tuned checkpoints (Qwen2.5-VL-*-Instruct) do not need it.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import random
 from pathlib import Path
@@ -39,6 +41,14 @@ def format_target(q: Question, rng: random.Random, answer_form: str = "letter") 
     pick = rng.randrange(len(q.options))
     answer = q.options[pick] if answer_form == "text" else LETTERS[pick]
     return f"{THINK}<answer>{answer}</answer><|im_end|>"
+
+
+def cache_dir(root: str | Path, *depends_on: object, steps: int, answer_form: str) -> Path:
+    """Where a warm start is kept under `root`, named by its steps and form and a hash of everything
+    else it depends on (model, data settings, template, seed...), so a changed config never reuses
+    a stale one while a rerun of the same one does."""
+    tag = hashlib.sha1(json.dumps([*depends_on, steps, answer_form], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path(root) / f"warm_start_{answer_form}_{steps}steps_{tag}"
 
 
 def format_warm_start(

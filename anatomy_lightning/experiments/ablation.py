@@ -234,20 +234,14 @@ def warm_start(base: dict[str, Any], settings: Settings) -> Path:
     """The shared starting policy: the demo's format warm start (answer form "text"), done once."""
     from anatomy_lightning.demo import _synthetic_questions
     from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE
-    from anatomy_lightning.warm_start import format_warm_start
+    from anatomy_lightning.warm_start import cache_dir, format_warm_start
 
     sizes = dict(QUICK_WARM_START) if settings.quick else {"steps": settings.warm_start_steps}
+    model = str(base["model"]["model"])
+    template = str(base["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
     # the folder name carries what the cached warm start depends on, so a --quick one is never reused
-    tag = hashlib.sha1(json.dumps([base["model"]["model"], base["data"]["synthetic"], sizes]).encode()).hexdigest()[:8]
-    return format_warm_start(
-        str(base["model"]["model"]),
-        _synthetic_questions(base),
-        settings.out.resolve() / f"warm_start_{sizes['steps']}steps_{tag}",
-        **sizes,
-        seed=0,
-        answer_form="text",
-        template=str(base["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE),
-    )
+    folder = cache_dir(settings.out.resolve(), model, base["data"]["synthetic"], template, sizes, steps=sizes["steps"], answer_form="text")
+    return format_warm_start(model, _synthetic_questions(base), folder, **sizes, seed=0, answer_form="text", template=template)
 
 
 def _fingerprint(*parts: Any) -> str:

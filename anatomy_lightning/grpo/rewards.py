@@ -84,6 +84,14 @@ def _text_choice(text: str, options: Sequence[str]) -> int | None:
     return hits.pop() if len(hits) == 1 else None
 
 
+def _answer_text(completion: str) -> str | None:
+    """The content of the last <answer>...</answer>, lead-in ("Answer:", "The option is") dropped."""
+    found = _ANSWER_RE.findall(completion)
+    if not found:
+        return None
+    return _LEAD_IN_RE.sub("", found[-1].strip(), count=1).strip()
+
+
 def extract_choice(completion: str, options: Sequence[str]) -> int | None:
     """Index of the option chosen inside the last <answer>...</answer>, or None.
 
@@ -92,10 +100,9 @@ def extract_choice(completion: str, options: Sequence[str]) -> int | None:
     is a contradiction and gives None, as do letters outside the option range, several options,
     and a missing tag. A lowercase letter followed by words ("a liver") is read as text.
     """
-    found = _ANSWER_RE.findall(completion)
-    if not found:
+    answer = _answer_text(completion)
+    if answer is None:
         return None
-    answer = _LEAD_IN_RE.sub("", found[-1].strip(), count=1).strip()
     m = _LETTER_RE.match(answer)
     if m:
         letter = m.group("paren") or m.group("bracket") or m.group("bare")
@@ -139,12 +146,11 @@ def option_text_reward(
     collapse onto (always "C" earns 1/4 of the reward without looking at the image).
     """
     _check_lengths(completions, questions)
-    out = []
-    for c, q in zip(completions, questions):
-        found = _ANSWER_RE.findall(c)
-        answer = _LEAD_IN_RE.sub("", found[-1].strip(), count=1).strip() if found else ""
-        out.append(1.0 if answer and _text_choice(answer, q.options) == q.answer_index else 0.0)
-    return out
+    answers = [_answer_text(c) for c in completions]
+    return [
+        1.0 if a and _text_choice(a, q.options) == q.answer_index else 0.0
+        for a, q in zip(answers, questions)
+    ]
 
 
 def format_reward(completions: list[str], questions: list[Question], **kwargs: Any) -> list[float]:

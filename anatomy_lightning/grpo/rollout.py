@@ -22,7 +22,8 @@ reference the fast path is tested against, and as the path for models that are n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,9 +390,7 @@ def generate(
     forwards of the same step. Models other than Qwen2(.5)-VL go through `generate_hf`.
     """
     tok = processor.tokenizer
-    was_training = model.training
-    model.eval()  # no dropout while sampling, as in `generate`
-    try:
+    with _eval_mode(model):
         prompts = prepare_prompts(model, prompt_inputs)
         if prompts is None:
             return generate_hf(model, processor, prompt_inputs, num_generations, max_new_tokens, do_sample,
@@ -402,9 +401,6 @@ def generate(
             model, prompts, num_generations, max_new_tokens, stop_ids, pad_id, do_sample, temperature, top_p, top_k,
             min_new_tokens,
         )
-    finally:
-        if was_training:
-            model.train()
     mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, pad_id)
     texts = decode_completions(tok, completion_ids, mask)
     return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations, prompts)
@@ -443,15 +439,24 @@ def generate_hf(
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    was_training = model.training
-    model.eval()
-    out = model.generate(**prompt_inputs, **kwargs)
-    if was_training:
-        model.train()
+    with _eval_mode(model):
+        out = model.generate(**prompt_inputs, **kwargs)
     completion_ids = out[:, prompt_inputs["input_ids"].shape[1] :]
     mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, tok.pad_token_id)
     texts = decode_completions(tok, completion_ids, mask)
     return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations)
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """No dropout while sampling; the previous mode comes back even if sampling raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def _stop_ids(tok: Any, model: Any) -> list[int]:
