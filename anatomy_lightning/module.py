@@ -15,6 +15,7 @@ The maths lives in `grpo.loss`; this class only wires it to Lightning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -35,15 +36,16 @@ from anatomy_lightning.grpo.rewards import RewardComputer, extract_choice
 from anatomy_lightning.grpo.rollout import (
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
-    VISION_TOKENS,
     Rollout,
     encode_prompts,
     generate,
+    generate_hf,
     mask_vision_tokens,
     rollout_logprobs,
     vision_frozen,
     vision_token_guard,
 )
+from anatomy_lightning.models.families import ModelFamily, family_of
 from anatomy_lightning.models.loading import (
     LoraSettings,
     build_optimizer,
@@ -92,7 +94,7 @@ class GRPOModule(L.LightningModule):
         model: str = "tiny-qwen2.5-vl",
         dtype: str = "auto",
         quantization: str | None = None,
-        lora: LoraSettings | None = None,
+        lora: LoraSettings | dict[str, Any] | bool | None = None,
         gradient_checkpointing: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
@@ -128,7 +130,11 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"model.num_generations must be >= 2 for group advantages, got {num_generations}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        # Structured settings become their types here, once, however they arrived (YAML, a CLI
+        # JSON string, dotted flags, a checkpoint's hparams, Python): LightningCLI passes dicts.
+        lora = LoraSettings.coerce(lora)
         self.save_hyperparameters()
+        self.hparams.lora = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.model_name = model
@@ -159,9 +165,11 @@ class GRPOModule(L.LightningModule):
         if hp.beta != 0 and not has_adapter(self.policy):
             self.reference = frozen_copy(self.policy)
         tok = self.processor.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_ids = [i for i in tok.convert_tokens_to_ids(list(VISION_TOKENS)) if i is not None and i >= 0]
-        self.merge = getattr(getattr(self.policy.config, "vision_config", None), "spatial_merge_size", 2)
+        self.family: ModelFamily = family_of(self.policy)
+        self.vision_ids = self.family.vision_token_ids(self.policy, self.processor)
+        if tok.pad_token_id is None:  # the completion padding and the ids fed in place of vision tokens
+            tok.pad_token = tok.eos_token
+        log.info("model family %s (%s path)", self.family.name, "fast" if self.family.fast_path else "generic")
 
     def _load_image(self, path: str) -> Any:
         img = self._image_cache.get(path)
@@ -173,7 +181,8 @@ class GRPOModule(L.LightningModule):
 
     def encode(self, questions: list[Question]) -> dict[str, Tensor]:
         inputs = encode_prompts(
-            questions, self.processor, self._load_image, self.hparams.system_prompt, self.hparams.prompt_template
+            questions, self.processor, self._load_image, self.hparams.system_prompt, self.hparams.prompt_template,
+            self.family,
         )
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -190,13 +199,11 @@ class GRPOModule(L.LightningModule):
 
     # -- rollouts and scoring ------------------------------------------------------------------
     def rollout(self, questions: list[Question], greedy: bool = False) -> Rollout:
+        """G completions per question (1, greedy, for evaluation), on the family's path."""
         hp = self.hparams
-        inputs = self.encode(questions)
-        return generate(
-            self.policy,
-            self.processor,
-            inputs,
-            num_generations=1 if greedy else hp.num_generations,
+        G = 1 if greedy else hp.num_generations
+        settings = dict(
+            num_generations=G,
             max_new_tokens=(hp.eval_max_new_tokens or hp.max_new_tokens) if greedy else hp.max_new_tokens,
             do_sample=not greedy,
             temperature=hp.temperature,
@@ -204,6 +211,14 @@ class GRPOModule(L.LightningModule):
             top_k=hp.top_k,
             min_new_tokens=0 if greedy else hp.min_new_tokens,
         )
+        if self.family.fast_path:
+            return generate(self.policy, self.processor, self.encode(questions), **settings)
+        # generic path: the processor encodes each prompt once per completion, so any image layout
+        # (tiles, several images, image masks) stays aligned with its row; chunks are re-encoded
+        rows = [q for q in questions for _ in range(G)]
+        inputs = self.encode(rows)
+        row_inputs = lambda s, e: inputs if s == 0 and e >= len(rows) else self.encode(rows[s:e])  # noqa: E731
+        return generate_hf(self.policy, self.processor, inputs, expanded=True, row_inputs=row_inputs, **settings)
 
     def score(self, rollout: Rollout, questions: list[Question]) -> tuple[Tensor, dict[str, Tensor]]:
         expanded = [q for q in questions for _ in range(rollout.group_size)]

@@ -23,6 +23,7 @@ import torch
 from anatomy_lightning.data.images import load_image
 from anatomy_lightning.data.schema import LETTERS, Question
 from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, encode_prompts
+from anatomy_lightning.models.families import family_of
 from anatomy_lightning.models.loading import load_policy
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def format_target(q: Question, rng: random.Random, answer_form: str = "letter") 
     than image -> name -> position in the option list."""
     pick = rng.randrange(len(q.options))
     answer = q.options[pick] if answer_form == "text" else LETTERS[pick]
-    return f"{THINK}<answer>{answer}</answer><|im_end|>"
+    return f"{THINK}<answer>{answer}</answer>"  # the caller appends the family's end-of-turn token
 
 
 def cache_dir(root: str | Path, *depends_on: object, steps: int, answer_form: str) -> Path:
@@ -74,6 +75,8 @@ def format_warm_start(
     rng = random.Random(seed)
     policy, processor = load_policy(model, dtype="float32")
     tok = processor.tokenizer
+    family = family_of(policy)
+    end_of_turn = family.end_of_turn_token(policy, processor)  # <|im_end|>, <end_of_turn>, ...
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=learning_rate)
     policy.train()
     cache: dict[str, object] = {}
@@ -85,16 +88,16 @@ def format_warm_start(
 
     for step in range(steps):
         batch = rng.sample(questions, min(batch_size, len(questions)))
-        prompt = encode_prompts(batch, processor, image, system_prompt, template)
+        prompt = encode_prompts(batch, processor, image, system_prompt, template, family)
         tok.padding_side = "right"  # targets follow the prompt: pad after them
-        targets = tok([format_target(q, rng, answer_form) for q in batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        targets = tok([format_target(q, rng, answer_form) + end_of_turn for q in batch], add_special_tokens=False, padding=True, return_tensors="pt")
         tok.padding_side = "left"
         t_ids, t_mask = targets["input_ids"], targets["attention_mask"]
         inputs = dict(prompt)
-        inputs["input_ids"] = torch.cat([prompt["input_ids"], t_ids], 1)
-        inputs["attention_mask"] = torch.cat([prompt["attention_mask"], t_mask], 1)
-        if "mm_token_type_ids" in prompt:
-            inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(t_ids)], 1)
+        for key, value in prompt.items():  # per-token tensors (token types) continue over the target as text
+            if isinstance(value, torch.Tensor) and value.shape == prompt["input_ids"].shape:
+                extra = {"input_ids": t_ids, "attention_mask": t_mask}.get(key, torch.zeros_like(t_ids))
+                inputs[key] = torch.cat([value, extra.to(value.dtype)], 1)
         labels = torch.cat([torch.full_like(prompt["input_ids"], -100), t_ids.masked_fill(t_mask == 0, -100)], 1)
         loss = policy(**inputs, labels=labels).loss
         opt.zero_grad()

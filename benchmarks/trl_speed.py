@@ -268,6 +268,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path
     from anatomy_lightning.data.images import load_image
     from anatomy_lightning.grpo.rewards import accuracy_reward, format_reward
     from anatomy_lightning.grpo.rollout import DEFAULT_SYSTEM_PROMPT, render_prompt
+    from anatomy_lightning.models.families import family_for_type
     from anatomy_lightning.models.loading import LoraSettings
 
     clock = StepClock(args.device)
@@ -344,7 +345,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=processor,
-        peft_config=LoraSettings().to_peft() if args.finetune == "lora" else None,
+        peft_config=LoraSettings().to_peft(family_for_type("qwen2_5_vl")) if args.finetune == "lora" else None,
         callbacks=[Clock()],
     )
     trainer.train()

@@ -171,8 +171,9 @@ class SceneGenerator:
     ) -> None:
         kinds = tuple(kinds)
         problems = []
-        if image_size < 28 or image_size % 28:
-            problems.append(f"image_size={image_size}: use a multiple of 28 (Qwen2.5-VL patch 14 x merge 2), e.g. 56")
+        if image_size < 16:  # processors resize to their own patch grid (Qwen2.5-VL 28, Qwen3-VL 32, ...)
+            problems.append(f"image_size={image_size}: use at least 16 pixels, ideally a multiple of the model's "
+                            "patch x merge size (56 for Qwen2.5-VL, 64 for Qwen3-VL)")
         if not 1 <= grid or grid * grid > len(ANATOMIES):
             problems.append(f"grid={grid}: needs 1 <= grid and grid*grid <= {len(ANATOMIES)} anatomies (grid <= 4)")
         if not MIN_OPTIONS <= num_options <= MAX_OPTIONS:

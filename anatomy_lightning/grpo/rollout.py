@@ -16,8 +16,13 @@ and it is the same for all G completions of its group. So (`PromptBatch`):
     the prompt's gradient is the sum over its G completions, which autograd gets from the repeat.
     Activation checkpointing drops KV caches inside the checkpointed layers, so with it the
     training forward runs whole sequences, still with shared image features and positions.
-The plain versions (`generate_hf`, `completion_logprobs` over `sequence_inputs`) stay as the
-reference the fast path is tested against, and as the path for models that are not Qwen2(.5)-VL.
+The fast path is for the families that declare it (`models.families`: Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL, whose deepstack features travel with the image features). Every other family takes the
+generic path: the processor encodes each prompt once per completion (so tiles, image masks and token
+types stay aligned with their row, whatever the processor's layout), Hugging Face `generate` samples,
+and the log-prob forwards run whole sequences with the positions `generate` used. The plain
+versions (`generate_hf`, `completion_logprobs` over `sequence_inputs`) also stay as the reference
+the fast path is tested against.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import functools
+
 import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.loss import token_logprobs
+from anatomy_lightning.models.families import ModelFamily, family_of
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are an expert in surgical anatomy. Look at the image and answer the multiple-choice question."
@@ -41,7 +49,6 @@ DEFAULT_PROMPT_TEMPLATE = (
     "{question}\n{options}\n"
     "Think inside <think> </think>, then give the letter of your choice inside <answer> </answer>."
 )
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def render_prompt(q: Question, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
@@ -63,19 +70,26 @@ def encode_prompts(
     image_loader: Callable[[str], Any],
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     template: str = DEFAULT_PROMPT_TEMPLATE,
+    family: ModelFamily | None = None,
 ) -> dict[str, Tensor]:
     """Chat-template the questions and run the processor (left padding, never truncated).
 
-    Image size is bounded by the processor's `max_pixels`, not by cutting tokens: truncating a
-    prompt that holds image tokens would desynchronise tokens and image features.
+    Images go in as the family's processor wants them (one list per prompt, or flat; default flat,
+    as Qwen's processors take them). Image size is bounded by the processor's pixel bounds, not by
+    cutting tokens: truncating a prompt that holds image tokens would desynchronise tokens and
+    image features.
     """
     texts = [
         processor.apply_chat_template(build_messages(q, system_prompt, template), add_generation_prompt=True, tokenize=False)
         for q in questions
     ]
-    images = [image_loader(p) for q in questions for p in q.images]
+    per_prompt = [[image_loader(p) for p in q.images] for q in questions]
     processor.tokenizer.padding_side = "left"
     kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+    if family is not None:
+        images = family.images_argument(per_prompt)
+    else:
+        images = [img for imgs in per_prompt for img in imgs] or None
     if images:
         kwargs["images"] = images
     out = processor(**kwargs)
@@ -97,6 +111,7 @@ class PromptBatch:
     position_ids: Tensor  # (3, N, P) mrope positions (temporal, height, width); 0 on left padding
     images_per_prompt: list[int]  # images of each prompt, in order of `image_grid_thw`
     image_features: tuple[Tensor, ...] | None  # one (tokens_i, D) per image; None for text-only prompts
+    deepstack: tuple[tuple[Tensor, ...], ...] | None = None  # Qwen3-VL: per deepstack layer, one per image
 
     @property
     def num_prompts(self) -> int:
@@ -122,29 +137,41 @@ class PromptBatch:
         i0, i1 = sum(self.images_per_prompt[:start]), sum(self.images_per_prompt[:stop])
         if reuse:
             feats = list(self.image_features[i0:i1])
+            layers = [list(layer[i0:i1]) for layer in self.deepstack] if self.deepstack is not None else None
         else:
             grid = self.inputs["image_grid_thw"]
             patches = grid.prod(-1).tolist()
             p0, p1 = sum(patches[:i0]), sum(patches[:i1])
             pixels = self.inputs["pixel_values"][p0:p1]
-            feats = list(vl_backbone(model).get_image_features(pixels, grid[i0:i1]).pooler_output)
-        per_prompt, k = [], 0
+            out = vl_backbone(model).get_image_features(pixels, grid[i0:i1])
+            feats = list(out.pooler_output)
+            deep = getattr(out, "deepstack_features", None)
+            layers = [list(layer) for layer in deep] if deep is not None else None
+        expand = lambda per_image: tuple(self._repeat_per_group(per_image, start, stop, group_size))  # noqa: E731
+        image = BaseModelOutputWithPooling(pooler_output=expand(feats))
+        if layers is not None:  # Qwen3-VL: every forward holding image tokens needs its deepstack features
+            image.deepstack_features = [expand(layer) for layer in layers]
+        return {"mm_encoder_outputs": {"image": image}}
+
+    def _repeat_per_group(self, per_image: list[Tensor], start: int, stop: int, group_size: int) -> list[Tensor]:
+        """Images of prompts start:stop (in order), each prompt's images repeated for its G rows."""
+        out, k = [], 0
         for n in self.images_per_prompt[start:stop]:
-            per_prompt.append(feats[k : k + n])
+            out.extend(f for _ in range(group_size) for f in per_image[k : k + n])
             k += n
-        expanded = tuple(f for prompt in per_prompt for _ in range(group_size) for f in prompt)
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=expanded)}}
+        return out
 
 
 def vl_backbone(model: Any) -> Any | None:
-    """The Qwen2(.5)-VL inner model (`get_rope_index`, `get_image_features`), through a peft wrapper.
-
-    None for other architectures, which then take the plain `generate_hf` / `completion_logprobs`.
-    """
+    """The inner model of a fast-path family (`get_rope_index`, `get_image_features`, `visual`),
+    through a peft wrapper; None for the generic path (and for anything that is not a VLM)."""
+    try:
+        if not family_of(model).fast_path:
+            return None
+    except (ValueError, AttributeError):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    needed = ("get_rope_index", "get_image_features", "visual", "language_model")
-    return inner if inner is not None and all(hasattr(inner, n) for n in needed) else None
+    return base.model
 
 
 def vision_frozen(model: Any) -> bool:
@@ -182,8 +209,11 @@ def prepare_prompts(model: Any, inputs: dict[str, Tensor]) -> PromptBatch | None
     if grid is None or "pixel_values" not in inputs:
         return PromptBatch(inputs, position_ids, [0] * ids.shape[0], None)
     _, per_prompt = _per_prompt_images(inputs, image_id, bb.config.vision_config.spatial_merge_size)
-    feats = tuple(bb.get_image_features(inputs["pixel_values"], grid).pooler_output)  # one (tokens_i, D) per image
-    return PromptBatch(inputs, position_ids, per_prompt, feats)
+    out = bb.get_image_features(inputs["pixel_values"], grid)
+    feats = tuple(out.pooler_output)  # one (tokens_i, D) per image
+    deep = getattr(out, "deepstack_features", None)  # Qwen3-VL: per layer, one (tokens_i, D) per image
+    deepstack = tuple(tuple(layer) for layer in deep) if deep is not None else None
+    return PromptBatch(inputs, position_ids, per_prompt, feats, deepstack)
 
 
 @dataclass
@@ -195,6 +225,8 @@ class Rollout:
     texts: list[str]  # decoded completions, B of them
     group_size: int
     prompts: PromptBatch | None = None  # shared positions / image features (None: plain path)
+    # generic path: the processor inputs of sequence rows [start, stop), prompts already expanded
+    row_inputs: Callable[[int, int], dict[str, Tensor]] | None = None
 
     @property
     def lengths(self) -> Tensor:
@@ -395,14 +427,14 @@ def generate(
         if prompts is None:
             return generate_hf(model, processor, prompt_inputs, num_generations, max_new_tokens, do_sample,
                                temperature, top_p, top_k, min_new_tokens)
-        stop_ids = _stop_ids(tok, model)
+        stop_ids = family_of(model).stop_token_ids(model, processor)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
         completion_ids = sample_completions(
             model, prompts, num_generations, max_new_tokens, stop_ids, pad_id, do_sample, temperature, top_p, top_k,
             min_new_tokens,
         )
     mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, pad_id)
-    texts = decode_completions(tok, completion_ids, mask)
+    texts = decode_completions(tok, completion_ids, mask, stop_ids)
     return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations, prompts)
 
 
@@ -418,18 +450,25 @@ def generate_hf(
     top_p: float = 1.0,
     top_k: int = 0,
     min_new_tokens: int = 0,
+    expanded: bool = False,
+    row_inputs: Callable[[int, int], dict[str, Tensor]] | None = None,
 ) -> Rollout:
-    """G completions per prompt with Hugging Face `generate` (`num_return_sequences=G`).
+    """G completions per prompt with Hugging Face `generate`.
 
-    The reference for `generate`, and its fallback for models without Qwen2(.5)-VL's interface. It
-    runs the vision tower and the prompt prefill once per *completion*, not once per prompt.
+    The reference for `generate`, and the generic path. With `expanded`, `prompt_inputs` already
+    hold every prompt G times (rows b // G are one prompt), encoded by the processor itself, which
+    keeps any processor layout (several images per prompt, tiles) aligned with its row; otherwise
+    `generate` repeats the N prompts (`num_return_sequences=G`). Either way the vision tower and
+    the prompt prefill run once per *completion*, not once per prompt. `row_inputs(start, stop)`
+    gives the processor inputs of sequence rows for the log-prob forwards (default: slices of
+    `prompt_inputs` where they can be sliced by row).
     """
     tok = processor.tokenizer
-    stop_ids = _stop_ids(tok, model)
+    stop_ids = family_of(model).stop_token_ids(model, processor)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        num_return_sequences=num_generations,
+        num_return_sequences=1 if expanded else num_generations,
         pad_token_id=tok.pad_token_id,
         eos_token_id=stop_ids,
         use_cache=True,
@@ -443,8 +482,21 @@ def generate_hf(
         out = model.generate(**prompt_inputs, **kwargs)
     completion_ids = out[:, prompt_inputs["input_ids"].shape[1] :]
     mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, tok.pad_token_id)
-    texts = decode_completions(tok, completion_ids, mask)
-    return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations)
+    texts = decode_completions(tok, completion_ids, mask, stop_ids)
+    if expanded and row_inputs is None:
+        row_inputs = functools.partial(_slice_rows, prompt_inputs)
+    return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations, row_inputs=row_inputs)
+
+
+def _slice_rows(inputs: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    """Rows start:stop of processor inputs whose every tensor has one row per sequence."""
+    n = inputs["input_ids"].shape[0]
+    if start == 0 and stop >= n:
+        return inputs
+    bad = [k for k, v in inputs.items() if isinstance(v, Tensor) and (v.ndim == 0 or v.shape[0] != n)]
+    if bad:
+        raise ValueError(f"cannot slice processor outputs {bad} by row; pass row_inputs to re-encode the rows")
+    return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
 @contextmanager
@@ -459,19 +511,10 @@ def _eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
-def _stop_ids(tok: Any, model: Any) -> list[int]:
-    ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(gen_eos)
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tok.unk_token_id)
-
-
-def decode_completions(tok: Any, ids: Tensor, mask: Tensor) -> list[str]:
-    """Decode only the masked tokens, keeping tags like <think> even if they are special tokens."""
-    drop = {t for t in (tok.pad_token, tok.eos_token, "<|im_end|>", "<|endoftext|>") if t}
+def decode_completions(tok: Any, ids: Tensor, mask: Tensor, stop_ids: Sequence[int] = ()) -> list[str]:
+    """Decode only the masked tokens, keeping tags like <think> even if they are special tokens;
+    the stop, eos and pad tokens are dropped from the text."""
+    drop = {t for t in (tok.pad_token, tok.eos_token, *tok.convert_ids_to_tokens(list(stop_ids))) if t}
     texts = []
     for row, m in zip(ids.tolist(), mask.tolist()):
         toks = [t for t, keep in zip(row, m) if keep > 0]
@@ -617,17 +660,30 @@ def _full_sequence_logprobs(
 def _plain_logprobs(
     model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
 ) -> Tensor:
-    """(b, C) log-probs the plain way (every row re-runs prompt and images): not a Qwen2(.5)-VL."""
-    cfg = model.config
-    merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
-    seq = expand_prompts(ro.prompt_inputs, ro.group_size, getattr(cfg, "image_token_id", -1), merge)
-    batch = dict(seq.rows(rows.start, rows.stop))
+    """(b, C) log-probs the plain way (every row re-runs prompt and images): the generic path.
+
+    Per-token processor outputs (token types) are extended over the completion as text; models
+    with 1D positions get them from the attention mask, as `generate` computes them on left padding.
+    """
+    family = family_of(model)
+    if ro.row_inputs is not None:
+        batch = dict(ro.row_inputs(rows.start, rows.stop))
+    else:
+        cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
+        seq = expand_prompts(ro.prompt_inputs, ro.group_size, getattr(cfg, "image_token_id", -1), merge)
+        batch = dict(seq.rows(rows.start, rows.stop))
     C = inputs.shape[1]
+    prompt_ids = batch["input_ids"]
+    for key, value in list(batch.items()):  # (b, P) per-token tensors continue over the completion
+        if key not in ("input_ids", "attention_mask") and isinstance(value, Tensor) and value.shape == prompt_ids.shape:
+            batch[key] = torch.cat([value, torch.zeros_like(inputs, dtype=value.dtype)], dim=1)
     prompt_mask = batch["attention_mask"]
-    batch["input_ids"] = torch.cat([batch["input_ids"], inputs], dim=1)
+    batch["input_ids"] = torch.cat([prompt_ids, inputs], dim=1)
     batch["attention_mask"] = torch.cat([prompt_mask, ro.completion_mask[rows].to(prompt_mask.dtype)], dim=1)
-    if "mm_token_type_ids" in batch:
-        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(inputs)], dim=1)
+    if family.positions_from_mask:
+        full = batch["attention_mask"].long()
+        batch["position_ids"] = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
     logits = model(**batch, use_cache=False, logits_to_keep=C + 1).logits[:, :-1]  # (b, C, V)
     return _logprobs(logits, ro.completion_ids[rows], temperature)
 

@@ -21,21 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
 from anatomy_lightning.models.tiny import TINY_MODEL_NAMES, ensure_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Qwen2(.5)-VL module names in transformers 5.x: "model.language_model.layers.N.self_attn.q_proj",
-# "model.visual.blocks.N.mlp.gate_proj". The vision MLP reuses the names gate/up/down_proj, so a
-# plain name list would put LoRA on the vision tower too; the regex pins it to the language model.
-LANGUAGE_MODEL_PROJECTIONS = (
-    r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-)
-VISION_MODULES = r".*visual\..*"  # peft exclude_modules pattern for a target_modules name list
-# bitsandbytes keeps these unquantised (patterns match from the start of a module name; the suffix
-# form catches checkpoints with the older layout). Without "lm_head" transformers would quantise it.
-QUANT_SKIP_MODULES = ["model.visual", "visual", "lm_head"]
-VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 QUANTIZATIONS = ("4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 _DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -47,21 +37,43 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 class LoraSettings:
     """LoRA on the language model's attention and MLP projections (the vision tower stays frozen).
 
-    target_modules: a regex (matched against full module names) or a list of module names; a
-    list is kept off the vision tower unless include_vision is true.
+    target_modules: None (the family's language-model projections), a regex matched against full
+    module names, or a list of module names; a list is kept off the vision side unless
+    include_vision is true.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | str = LANGUAGE_MODEL_PROJECTIONS
+    target_modules: list[str] | str | None = None
     include_vision: bool = False
 
-    def to_peft(self) -> Any:
+    @classmethod
+    def coerce(cls, value: Any) -> LoraSettings | None:
+        """The one place a LoRA setting becomes `LoraSettings`, whatever way it arrived: YAML or
+        `--model.lora '{...}'` (LightningCLI passes a dict), `--model.lora.r=8`, a checkpoint's
+        saved hyperparameters, `true` (defaults) or Python."""
+        if value is None or value is False or isinstance(value, cls):
+            return value or None
+        if value is True:
+            return cls()
+        if hasattr(value, "items"):  # dict, omegaconf / jsonargparse namespaces
+            data = dict(value.items())
+            data.pop("class_path", None)
+            data = dict(data.pop("init_args", None) or {}, **data)
+            unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"model.lora: unknown keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
+            return cls(**data)
+        raise ValueError(f"model.lora must be null, true or a mapping of {sorted(cls.__dataclass_fields__)}, "
+                         f"got {type(value).__name__} {value!r}")
+
+    def to_peft(self, family: ModelFamily) -> Any:
         from peft import LoraConfig
 
-        exclude = None if self.include_vision or isinstance(self.target_modules, str) else VISION_MODULES
-        target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        target: Any = self.target_modules if self.target_modules is not None else family.lora_target_regex
+        exclude = None if self.include_vision or isinstance(target, str) else family.vision_module_regex()
+        target = target if isinstance(target, str) else list(target)
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target,
             exclude_modules=exclude, bias="none", task_type="CAUSAL_LM",
@@ -141,10 +153,10 @@ def check_quantization_supported(quantization: str | None, device: str | None = 
         ) from err
 
 
-def _quantization_config(quantization: str, quantize_vision: bool) -> Any:
+def _quantization_config(quantization: str, quantize_vision: bool, family: ModelFamily) -> Any:
     from transformers import BitsAndBytesConfig
 
-    skip = ["lm_head"] if quantize_vision else list(QUANT_SKIP_MODULES)
+    skip = ["lm_head"] if quantize_vision else family.quant_skip_modules()
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -162,7 +174,7 @@ def load_policy(
     *,
     dtype: str = "auto",
     quantization: str | None = None,
-    lora: LoraSettings | None = None,
+    lora: LoraSettings | dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
     min_pixels: int | None = None,
@@ -178,18 +190,20 @@ def load_policy(
       lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`.
     The tokenizer pads on the left, as batched generation needs.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    lora = LoraSettings.coerce(lora)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     check_quantization_supported(quantization)
     path = resolve_model_path(model_name_or_path)
+    family = family_for_type(AutoConfig.from_pretrained(path).model_type, str(model_name_or_path))
 
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
-        kwargs["quantization_config"] = _quantization_config(quantization, quantize_vision)
+        kwargs["quantization_config"] = _quantization_config(quantization, quantize_vision, family)
         if device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing the weights
     if device_map is not None:
@@ -202,7 +216,8 @@ def load_policy(
             f"could not load model {model_name_or_path!r} from {path!r}: {err}. Check the hub id / folder, network "
             f"access (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and that the checkpoint is complete."
         ) from err
-    _configure_processor(processor, min_pixels, max_pixels)
+    processor.tokenizer.padding_side = "left"  # batched generation pads on the left
+    family.set_pixel_bounds(processor, min_pixels, max_pixels)
 
     if quantization:
         from peft import prepare_model_for_kbit_training
@@ -218,7 +233,7 @@ def load_policy(
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora.to_peft())
+        model = get_peft_model(model, lora.to_peft(family))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("LoRA: %d of %d parameters trainable (%.3f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
@@ -239,33 +254,16 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.enable_input_require_grads()  # belt and braces for reentrant checkpointing set elsewhere
 
 
-def _configure_processor(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Left padding for batched generation; optional pixel bounds (cap visual tokens per image)."""
-    from transformers.image_utils import SizeDict
+def sanitize_completion_ids(ids: torch.Tensor, model: Any, processor: Any) -> torch.Tensor:
+    """Copy of `ids` with the family's vision special tokens replaced by the pad id.
 
-    processor.tokenizer.padding_side = "left"
-    if min_pixels is None and max_pixels is None:
-        return
-    for sub in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
-        if sub is None or not hasattr(sub, "size"):
-            continue
-        lo = min_pixels if min_pixels is not None else sub.size["shortest_edge"]
-        hi = max_pixels if max_pixels is not None else sub.size["longest_edge"]
-        if lo > hi:
-            raise ValueError(f"min_pixels={lo} is larger than max_pixels={hi}; lower min_pixels or raise max_pixels")
-        sub.size = SizeDict(shortest_edge=lo, longest_edge=hi)
-
-
-def sanitize_completion_ids(ids: torch.Tensor, processor_or_tokenizer: Any) -> torch.Tensor:
-    """Copy of `ids` with vision special tokens replaced by the pad id.
-
-    A sampled completion may contain <|image_pad|> (or <|vision_start|> ...). Fed back with the
-    prompt's pixel_values, Qwen2.5-VL then counts more image tokens than image features and raises
-    "Image features and image tokens do not match". Those positions must be masked out of the loss
-    anyway; replacing the ids lets the forward run.
+    A sampled completion may contain an image placeholder token. Fed back with the prompt's
+    pixel_values, the model then counts more image tokens than image features and raises "Image
+    features and image tokens do not match". Those positions are masked out of the loss anyway;
+    replacing the ids lets the forward run.
     """
-    tok = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-    vision_ids = [i for i in tok.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS)) if i is not None and i >= 0]
+    tok = getattr(processor, "tokenizer", processor)
+    vision_ids = family_of(model).vision_token_ids(model, processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     hit = torch.isin(ids, torch.tensor(vision_ids, device=ids.device, dtype=ids.dtype))
     return ids.masked_fill(hit, pad)

@@ -12,10 +12,12 @@ import torch
 
 from anatomy_lightning.data.synthetic import SceneGenerator
 from anatomy_lightning.grpo import rollout as R
+from anatomy_lightning.models.families import family_for_type, family_of
 from anatomy_lightning.models.loading import LoraSettings, enable_gradient_checkpointing
 from anatomy_lightning.models.tiny import build_tiny_model
 
 ATOL = 1e-4
+QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 VISION_AND_TEXT_LORA = r".*(language_model\.layers\.\d+\.self_attn\.(q|v)_proj|visual\.blocks\.\d+\.attn\.qkv)"
 
 
@@ -40,7 +42,7 @@ def _lora(model: torch.nn.Module, include_vision: bool = False) -> torch.nn.Modu
     settings = LoraSettings(dropout=0.0)
     if include_vision:
         settings = LoraSettings(dropout=0.0, include_vision=True, target_modules=VISION_AND_TEXT_LORA)
-    peft_model = get_peft_model(copy.deepcopy(model), settings.to_peft())
+    peft_model = get_peft_model(copy.deepcopy(model), settings.to_peft(family_for_type("qwen2_5_vl")))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -78,7 +80,7 @@ def prompt_inputs(tiny):
 
 def _ids(processor):
     tok = processor.tokenizer
-    vision_ids = tok.convert_tokens_to_ids(list(R.VISION_TOKENS))
+    vision_ids = tok.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
     return tok.convert_tokens_to_ids("<|image_pad|>"), tok.pad_token_id, vision_ids
 
 

@@ -192,10 +192,10 @@ def test_sanitize_completion_ids_lets_vision_tokens_through_forward(tiny_dir: st
     }
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         model(input_ids=torch.cat([prompt["input_ids"], completion], dim=1), **extra)
-    clean = sanitize_completion_ids(completion, processor)
+    clean = sanitize_completion_ids(completion, model, processor)
     assert clean.tolist() == [[11, tok.pad_token_id, tok.pad_token_id, tok.pad_token_id, 12, tok.eos_token_id]]
     assert completion[0, 2] == image_pad  # input untouched
-    assert sanitize_completion_ids(completion, tok).equal(clean)  # a bare tokenizer works too
+    assert sanitize_completion_ids(completion, model, tok).equal(clean)  # a bare tokenizer works too
     ids = torch.cat([prompt["input_ids"], clean], dim=1)
     n = prompt["input_ids"].shape[1]
     with torch.no_grad():
