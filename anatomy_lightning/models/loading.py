@@ -224,6 +224,7 @@ def load_policy(
 
         # Freezes the base, upcasts the unquantised weights to fp32; checkpointing is enabled below.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_cpu_4bit_trainable(model)
         if lora is None:
             log.warning("quantization=%s without lora: the model is frozen; pass lora=LoraSettings() to fine-tune",
                         quantization)
@@ -238,6 +239,22 @@ def load_policy(
         n_all = sum(p.numel() for p in model.parameters())
         log.info("LoRA: %d of %d parameters trainable (%.3f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
     return model, processor
+
+
+def _keep_cpu_4bit_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` called in eval mode without grad (our rollouts) converts
+    its weight to a packed format whose matmul adds the bias in place, which autograd then refuses
+    in the training forward ("a view of a leaf Variable ... in-place operation").
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
