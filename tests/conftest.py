@@ -35,3 +35,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory):
+    """family -> folder of its tiny random-weight stand-in (model + processor, `save_pretrained`),
+    built once per test session and shared by every test that runs that family."""
+    from anatomy_lightning.models.standins import build_standin
+
+    root = tmp_path_factory.mktemp("standins")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_standin(family, root / family)
+        return built[family]
+
+    return get

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -297,23 +298,19 @@ def _is_complete(path: Path, settings: dict[str, Any]) -> bool:
         return False
 
 
-def build_tiny_checkpoint(
-    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None, **overrides: Any
-) -> Path:
-    """Write a loadable random-weight Qwen2.5-VL checkpoint to `path`; no-op if already there.
+def save_checkpoint_atomically(path: Path, settings: dict[str, Any], build: Callable[[], tuple[Any, Any]]) -> Path:
+    """`build()` -> (model, processor), saved to `path` with `settings` as its manifest; no-op if
+    a complete build with the same settings is there.
 
     The manifest is written last and the folder is swapped in with a rename, so a half-written
     build (crash, parallel test workers) is never mistaken for a complete one.
     """
-    path = Path(path).expanduser()
-    dtype = dtype or (torch.bfloat16 if size in ("3b", "7b") else torch.float32)
-    settings = _settings(size, seed, dtype, copy.deepcopy(overrides))
     if _is_complete(path, settings):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model, processor = build_tiny_model(size, seed=seed, dtype=dtype, **overrides)
+        model, processor = build()
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / _MANIFEST).write_text(json.dumps(settings, indent=2))
@@ -325,6 +322,18 @@ def build_tiny_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def build_tiny_checkpoint(
+    path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None, **overrides: Any
+) -> Path:
+    """Write a loadable random-weight Qwen2.5-VL checkpoint to `path`; no-op if already there."""
+    path = Path(path).expanduser()
+    dtype = dtype or (torch.bfloat16 if size in ("3b", "7b") else torch.float32)
+    settings = _settings(size, seed, dtype, copy.deepcopy(overrides))
+    return save_checkpoint_atomically(
+        path, settings, lambda: build_tiny_model(size, seed=seed, dtype=dtype, **overrides)
+    )
 
 
 def tiny_checkpoint_dir(name: str, cache_dir: str | Path | None = None) -> Path:
