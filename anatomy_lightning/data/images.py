@@ -8,12 +8,15 @@ clipped to white, a transparent background turned black) would change what the m
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from anatomy_lightning.data.schema import DataError
+from anatomy_lightning.data.schema import DataError, Question
 
 _WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per pixel
 _UNREADABLE = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
@@ -70,11 +73,72 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
 def check_image(path: str | os.PathLike[str]) -> str | None:
     """A cheap check (header and checksums, no decode): None if fine, else the problem message."""
-    if not Path(path).is_file():
-        return f"{path}: image file not found"
+    issue = probe_image(path)
+    return None if issue is None else f"{path}: {issue.detail}"
+
+
+# -- pre-flight: every image of a set opened once ------------------------------------------------
+
+MISSING_IMAGE, FOLDER, EMPTY_FILE, UNDECODABLE, ZERO_SIZE = "missing", "folder", "empty file", "undecodable", "zero size"
+
+
+@dataclass
+class ImageIssue:
+    path: str
+    kind: str  # one of MISSING_IMAGE, FOLDER, EMPTY_FILE, UNDECODABLE, ZERO_SIZE
+    detail: str
+
+
+def probe_image(path: str | os.PathLike[str]) -> ImageIssue | None:
+    """Open one image far enough to know its size and mode (header plus `verify()`), no full decode.
+
+    A folder is not "missing": a path like "VID01/" usually means the record names a frame folder
+    or a path was cut short, and the fix differs.
+    """
+    p = str(path)
+    if os.path.isdir(p):
+        return ImageIssue(p, FOLDER, "is a folder, not an image file")
     try:
-        with Image.open(path) as img:
+        size = os.path.getsize(p)
+    except OSError:
+        return ImageIssue(p, MISSING_IMAGE, "image file not found")
+    if size == 0:
+        return ImageIssue(p, EMPTY_FILE, "the file is empty (0 bytes)")
+    try:
+        with Image.open(p) as img:
+            width, height = img.size
             img.verify()
     except _UNREADABLE as e:
-        return f"{path}: not a readable image ({type(e).__name__}: {e})"
+        return ImageIssue(p, UNDECODABLE, f"not a readable image ({type(e).__name__}: {e})")
+    if width == 0 or height == 0:
+        return ImageIssue(p, ZERO_SIZE, f"has zero size ({width}x{height})")
     return None
+
+
+def probe_images(paths: Iterable[str], workers: int = 8) -> dict[str, ImageIssue]:
+    """`probe_image` on every distinct path, in a thread pool (file reads dominate): path -> issue."""
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
+        found = pool.map(probe_image, unique)
+    return {issue.path: issue for issue in found if issue is not None}
+
+
+def describe_image_issues(issues: dict[str, ImageIssue], questions: list[Question], path: str,
+                          unit: str = "record", shown: int = 3) -> str:
+    """One message for a data file: counts per kind, then the first records with each kind of issue."""
+    by_kind: dict[str, list[str]] = {}
+    for q in questions:
+        for p in q.images:
+            issue = issues.get(p)
+            if issue is not None:
+                by_kind.setdefault(issue.kind, [])
+                if len(by_kind[issue.kind]) < shown:
+                    by_kind[issue.kind].append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p} {issue.detail}")
+    counts = {k: sum(1 for i in issues.values() if i.kind == k) for k in by_kind}
+    words = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders", EMPTY_FILE:
+             "image files are empty", UNDECODABLE: "image files cannot be decoded", ZERO_SIZE: "images have zero size"}
+    head = ", ".join(f"{n} {words[k]}" for k, n in counts.items())
+    lines = [f"{path}: {head}"] + [f"  {m}" for k in by_kind for m in by_kind[k]]
+    return "\n".join(lines)
