@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -125,20 +126,30 @@ def probe_images(paths: Iterable[str], workers: int = 8) -> dict[str, ImageIssue
     return {issue.path: issue for issue in found if issue is not None}
 
 
-def describe_image_issues(issues: dict[str, ImageIssue], questions: list[Question], path: str,
-                          unit: str = "record", shown: int = 3) -> str:
-    """One message for a data file: counts per kind, then the first records with each kind of issue."""
-    by_kind: dict[str, list[str]] = {}
+def issues_by_kind(issues: dict[str, ImageIssue], questions: list[Question], unit: str = "record",
+                   shown: int = 3) -> dict[str, dict[str, Any]]:
+    """kind -> {"count": distinct paths, "examples": the first records with that kind of issue}."""
+    out: dict[str, dict[str, Any]] = {}
     for q in questions:
         for p in q.images:
             issue = issues.get(p)
             if issue is not None:
-                by_kind.setdefault(issue.kind, [])
-                if len(by_kind[issue.kind]) < shown:
-                    by_kind[issue.kind].append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p} {issue.detail}")
-    counts = {k: sum(1 for i in issues.values() if i.kind == k) for k in by_kind}
-    words = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders", EMPTY_FILE:
-             "image files are empty", UNDECODABLE: "image files cannot be decoded", ZERO_SIZE: "images have zero size"}
-    head = ", ".join(f"{n} {words[k]}" for k, n in counts.items())
-    lines = [f"{path}: {head}"] + [f"  {m}" for k in by_kind for m in by_kind[k]]
-    return "\n".join(lines)
+                examples = out.setdefault(issue.kind, {"count": 0, "examples": []})["examples"]
+                if len(examples) < shown:
+                    examples.append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p} {issue.detail}")
+    for issue in issues.values():
+        if issue.kind in out:
+            out[issue.kind]["count"] += 1
+    return out
+
+
+_WORDS = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders", EMPTY_FILE:
+          "image files are empty", UNDECODABLE: "image files cannot be decoded", ZERO_SIZE: "images have zero size"}
+
+
+def describe_image_issues(issues: dict[str, ImageIssue], questions: list[Question], path: str,
+                          unit: str = "record") -> str:
+    """One message for a data file: counts per kind, then the first records with each kind of issue."""
+    grouped = issues_by_kind(issues, questions, unit)
+    head = ", ".join(f"{g['count']} {_WORDS[k]}" for k, g in grouped.items())
+    return "\n".join([f"{path}: {head}", *(f"  {m}" for g in grouped.values() for m in g["examples"])])

@@ -106,9 +106,7 @@ def load_questions(
         raise DataError(f"{file}: the file holds no records; expected a JSON list of records or JSON Lines")
     values = [mapping.apply(r.value) if isinstance(r.value, dict) else r.value for r in raws]
     detected = detect_format(values)
-    fmt = detected if format == "auto" else format
-    if format == "auto" and mapping and detected is None:
-        fmt = "generic"
+    fmt = format if format != "auto" else "generic" if mapping else detected
     if fmt is None:
         raise DataError(_no_format_message(file, raws))
     root = os.path.abspath(image_root) if image_root is not None else None
@@ -127,7 +125,7 @@ def load_questions(
     report.skipped = report.records - len(report.questions)
     mark_duplicate_ids(report.questions, report, raws[0].where.split()[0])
     hint = ""
-    if detected not in (fmt, None):
+    if detected not in (fmt, None) and not mapping:
         hint = f"the records look like the {detected} format; try format={detected!r}"
     if report.problems and (on_bad_record == "error" or not report.questions):
         if not report.questions:
