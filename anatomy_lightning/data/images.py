@@ -58,6 +58,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """The image at `path` as RGB (EXIF orientation applied); DataError if missing or unreadable."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a folder, not an image file; the record should name an image inside it")
     if not Path(path).is_file():
         raise DataError(f"{path}: image file not found; check data.image_root and the record's image path")
     try:
@@ -80,18 +82,18 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
 
 # -- pre-flight: every image of a set opened once ------------------------------------------------
 
-MISSING_IMAGE, FOLDER, EMPTY_FILE, UNDECODABLE, ZERO_SIZE = "missing", "folder", "empty file", "undecodable", "zero size"
+MISSING_IMAGE, FOLDER, ZERO_SIZE, UNDECODABLE = "missing", "folder", "zero size", "undecodable"
 
 
 @dataclass
 class ImageIssue:
     path: str
-    kind: str  # one of MISSING_IMAGE, FOLDER, EMPTY_FILE, UNDECODABLE, ZERO_SIZE
+    kind: str  # one of MISSING_IMAGE, FOLDER, ZERO_SIZE, UNDECODABLE
     detail: str
 
 
 def probe_image(path: str | os.PathLike[str]) -> ImageIssue | None:
-    """Open one image far enough to know its size and mode (header plus `verify()`), no full decode.
+    """Open one image far enough to know its size and mode (header plus `verify()`), no pixel decode.
 
     A folder is not "missing": a path like "VID01/" usually means the record names a frame folder
     or a path was cut short, and the fix differs.
@@ -104,15 +106,12 @@ def probe_image(path: str | os.PathLike[str]) -> ImageIssue | None:
     except OSError:
         return ImageIssue(p, MISSING_IMAGE, "image file not found")
     if size == 0:
-        return ImageIssue(p, EMPTY_FILE, "the file is empty (0 bytes)")
+        return ImageIssue(p, ZERO_SIZE, "is an empty file (0 bytes)")
     try:
-        with Image.open(p) as img:
-            width, height = img.size
-            img.verify()
+        with Image.open(p) as img:  # reads the header: size and mode
+            img.verify()  # checksums and structure, without decoding the pixels
     except _UNREADABLE as e:
         return ImageIssue(p, UNDECODABLE, f"not a readable image ({type(e).__name__}: {e})")
-    if width == 0 or height == 0:
-        return ImageIssue(p, ZERO_SIZE, f"has zero size ({width}x{height})")
     return None
 
 
@@ -143,8 +142,8 @@ def issues_by_kind(issues: dict[str, ImageIssue], questions: list[Question], uni
     return out
 
 
-_WORDS = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders", EMPTY_FILE:
-          "image files are empty", UNDECODABLE: "image files cannot be decoded", ZERO_SIZE: "images have zero size"}
+_WORDS = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders",
+          ZERO_SIZE: "image files are empty (0 bytes)", UNDECODABLE: "image files cannot be decoded"}
 
 
 def describe_image_issues(issues: dict[str, ImageIssue], questions: list[Question], path: str,
