@@ -91,8 +91,7 @@ def inspect(args: argparse.Namespace) -> tuple[dict[str, Any], list[Question]]:
         fields=dict(args.field) or None,
     )
     out = summarize(report)
-    unit = "line" if report.questions and str(args.file).endswith(".jsonl") else "record"
-    out["image_problems"] = None if args.no_check_images else image_problems(report.questions, unit)
+    out["image_problems"] = None if args.no_check_images else image_problems(report.questions, report.unit)
     out.update(similarity=None, stage_thresholds=None, stage_counts=None)
     if not args.no_similarity:
         out.update(_similarity(report.questions, args.encoder, args.stages))

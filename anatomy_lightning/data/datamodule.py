@@ -197,16 +197,15 @@ class AnatomyVQADataModule(L.LightningDataModule):
         for reason, n in report.warnings.items():
             log.warning("%s: %s x%d, e.g. %s", path, reason, n, "; ".join(report.warning_examples[reason][:3]))
         if self.check_images:
-            self._preflight_images(path, report.questions)
+            self._preflight_images(path, report.questions, report.unit)
         log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
         return report.questions
 
-    def _preflight_images(self, path: str, questions: list[Question]) -> None:
+    def _preflight_images(self, path: str, questions: list[Question], unit: str) -> None:
         """Open every image once (size and mode, in a thread pool) before any model work, so a
         corrupt, empty or folder path stops the run now instead of when a batch reaches it."""
         issues = probe_images(p for q in questions for p in q.images)
         if issues:
-            unit = "line" if str(path).endswith(".jsonl") else "record"  # how the loader numbers records
             hint = "set data.image_root to the folder the paths are relative to, or fix or drop these records"
             raise DataError(f"{describe_image_issues(issues, questions, path, unit)}\n{hint}")
 

@@ -48,7 +48,7 @@ def _question(raw: Raw, ctx: Context, fields: FieldMap) -> tuple[Question, str |
     return question, warning and RecordProblem(DUPLICATE, parsed.options_field, warning).message(raw.where)
 
 
-def mark_duplicate_ids(questions: list[Question], report: LoadReport, unit: str) -> None:
+def mark_duplicate_ids(questions: list[Question], report: LoadReport) -> None:
     """Repeated ids: one warning (count and first examples), and a distinct `uid` for each repeat.
 
     The id itself is kept (it is the user's, and reports print it); the k-th repeat of id "x" gets
@@ -64,7 +64,7 @@ def mark_duplicate_ids(questions: list[Question], report: LoadReport, unit: str)
         q.uid = f"{q.id}{DUP_SUFFIX}{k}"
         report.add_warning(
             DUPLICATE_ID,
-            f"{unit} {q.metadata.get('record')}: id {q.id!r} is already used by {unit} "
+            f"{report.unit} {q.metadata.get('record')}: id {q.id!r} is already used by {report.unit} "
             f"{first[q.id].metadata.get('record')}; kept as uid {q.uid!r}",
         )
 
@@ -111,7 +111,7 @@ def load_questions(
         raise DataError(_no_format_message(file, raws))
     root = os.path.abspath(image_root) if image_root is not None else None
     ctx = Context(str(file), file.stem, os.path.dirname(os.path.abspath(file)), root, fmt)
-    report = LoadReport(path=str(file), format=fmt, records=len(raws))
+    report = LoadReport(path=str(file), format=fmt, records=len(raws), unit=raws[0].where.split()[0])
     for raw in raws:
         try:
             question, warning = _question(raw, ctx, mapping)
@@ -123,7 +123,7 @@ def load_questions(
         if warning:
             report.add_warning(DUPLICATE, warning)
     report.skipped = report.records - len(report.questions)
-    mark_duplicate_ids(report.questions, report, raws[0].where.split()[0])
+    mark_duplicate_ids(report.questions, report)
     hint = ""
     if detected not in (fmt, None) and not mapping:
         hint = f"the records look like the {detected} format; try format={detected!r}"

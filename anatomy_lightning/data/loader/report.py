@@ -49,6 +49,7 @@ class LoadReport:
     format: str
     questions: list[Question] = field(default_factory=list)
     records: int = 0
+    unit: str = "record"  # how records are numbered in messages: "record" (JSON list, 0-based) or "line" (JSONL)
     skipped: int = 0
     problems: dict[str, int] = field(default_factory=dict)  # reason -> count
     examples: list[str] = field(default_factory=list)  # first MAX_EXAMPLES messages per reason
