@@ -85,7 +85,8 @@ def test_medxpertqa_options_objects_label_list_and_several_images(tmp_path: Path
 
 
 def test_medxpertqa_letters_out_of_order_are_sorted_and_bad_ones_reported(tmp_path: Path):
-    shuffled = medxpertqa_record(options=[{"letter": "B", "content": "Inferior"}, {"letter": "A", "content": "Lateral"}])
+    shuffled = medxpertqa_record(options=[{"letter": "B", "content": "Inferior"},
+                                          {"letter": "A", "content": "Lateral"}])
     records = [shuffled, medxpertqa_record(label=["A", "B"]),
                medxpertqa_record(options=[{"letter": "A", "content": "x"}, {"letter": "C", "content": "y"}]),
                medxpertqa_record(options=[{"letter": "A"}, {"letter": "B", "content": "y"}])]
@@ -111,8 +112,10 @@ def test_medvlm_r1_is_its_own_format_and_checks_solution_against_answer(tmp_path
     assert report.problem_examples[MISMATCH][0].startswith('record 1, field "solution": \'A\' disagrees')
 
 
-@pytest.mark.parametrize("options", [["(A) Gallbladder", "(B) Gut", "(C) Liver"], ["A. Gallbladder", "B. Gut", "C. Liver"],
-                                     ["A) Gallbladder", "B) Gut", "C) Liver"], ["A:Gallbladder", "B: Gut", "C:  Liver"]])
+@pytest.mark.parametrize("options", [["(A) Gallbladder", "(B) Gut", "(C) Liver"],
+                                     ["A. Gallbladder", "B. Gut", "C. Liver"],
+                                     ["A) Gallbladder", "B) Gut", "C) Liver"],
+                                     ["A:Gallbladder", "B: Gut", "C:  Liver"]])
 @pytest.mark.parametrize("answer", ["A", "(A) Gallbladder", "Gallbladder"])
 def test_own_option_markers_are_stripped_for_gold_anatomy_and_similarity(tmp_path: Path, options: list[str],
                                                                          answer: str):

@@ -151,12 +151,14 @@ def _image_set(tmp_path: Path) -> Path:
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
     names = ["ok.png", "frames", "empty.png", "junk.jpg", "gone.png"]
-    return jsonl(tmp_path / "imgs.jsonl", [{**GOOD, "id": f"q{i}", "images": ["ok.png", n]} for i, n in enumerate(names)])
+    records = [{**GOOD, "id": f"q{i}", "images": ["ok.png", n]} for i, n in enumerate(names)]
+    return jsonl(tmp_path / "imgs.jsonl", records)
 
 
 def test_probe_tells_folder_empty_undecodable_and_missing_apart(tmp_path: Path):
     _image_set(tmp_path)
-    issues = probe_images(str(tmp_path / n) for n in ["ok.png", "frames", "empty.png", "junk.jpg", "gone.png", "ok.png"])
+    names = ["ok.png", "frames", "empty.png", "junk.jpg", "gone.png", "ok.png"]
+    issues = probe_images(str(tmp_path / n) for n in names)
     assert {Path(p).name: i.kind for p, i in issues.items()} == {
         "frames": FOLDER, "empty.png": ZERO_SIZE, "junk.jpg": UNDECODABLE, "gone.png": MISSING_IMAGE}
 

@@ -32,8 +32,8 @@ def _options(value: Any) -> list[str]:
     by_letter: dict[str, str] = {}
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("letter"), str) or "content" not in item:
-            raise RecordProblem(WRONG_TYPE, f"options[{i}]", f"expected a {{letter, content}} object, got "
-                                                            f"{kind(item) if not isinstance(item, dict) else sorted(item)}")
+            got = f"keys {sorted(item)}" if isinstance(item, dict) else kind(item)
+            raise RecordProblem(WRONG_TYPE, f"options[{i}]", f"expected a {{letter, content}} object, got {got}")
         by_letter[item["letter"].strip().upper()] = option_text(item["content"], f"options[{i}].content")
     if sorted(by_letter) != list(LETTERS[: len(by_letter)]) or len(by_letter) != len(value):
         raise RecordProblem(WRONG_TYPE, "options", f"letters {[o.get('letter') for o in value]} are not "
@@ -45,8 +45,8 @@ def parse(rec: dict[str, Any], ctx: Context) -> Parsed:
     options = clean_options(_options(rec.get("options")), "options")
     label = rec.get("label")
     if isinstance(label, list) and len(label) > 1:
-        raise RecordProblem(SEVERAL_ANSWERS, "label", f"gives {len(label)} answers {label}; only single-answer questions "
-                                               "are supported")
+        raise RecordProblem(SEVERAL_ANSWERS, "label",
+                            f"gives {len(label)} answers {label}; only single-answer questions are supported")
     idx = resolve_answer(label, options, "label")
     extra = extra_fields(rec, {"question", "options", "label", "images", "image", "id"})
     return Parsed(prompt_stem(text_field(rec, "question"), "question"), options, idx, record_images(rec, ctx),
