@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from anatomy_lightning.data.images import describe_image_issues, probe_images
 from anatomy_lightning.data.loader import load_questions
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
@@ -123,6 +124,14 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     Every question gets S(q) (option similarity) and a stage from the training set's quantiles,
     so validation and test accuracy can be reported per stage with the same thresholds.
+
+    Args:
+        format: question file format, or "auto" to detect it from the record keys (anatomy_r1,
+            easyr1, omnimedvqa, medvlm_r1, medxpertqa, r1, generic).
+        fields: read any other JSON/JSONL file: our field -> their key or dotted path, e.g.
+            {question: q.text, options: choices, answer: gold.letter, images: media}; implies generic.
+        check_images: before training, open every image once (size and mode) and stop on missing,
+            empty, undecodable or folder paths, naming their records.
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         val_file: str | None = None,
         test_file: str | None = None,
         format: str = "auto",
+        fields: dict[str, str] | None = None,
         image_root: str | None = None,
         on_bad_record: str = "error",
         check_images: bool = True,
@@ -154,7 +164,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
-        self.format, self.image_root, self.on_bad_record = format, image_root, on_bad_record
+        self.format, self.fields = format, fields
+        self.image_root, self.on_bad_record = image_root, on_bad_record
         self.check_images, self.synthetic = check_images, synthetic
         self.val_fraction, self.num_stages = val_fraction, num_stages
         self.similarity_encoder, self.similarity_aggregation = similarity_encoder, similarity_aggregation
@@ -179,23 +190,24 @@ class AnatomyVQADataModule(L.LightningDataModule):
             on_bad_record=self.on_bad_record,
             image_root=image_root,
             check_images=self.check_images,
+            fields=self.fields,
         )
         if report.skipped:
             log.warning("%s: skipped %d bad records (%s)", path, report.skipped, ", ".join(report.problems))
-        if report.missing_images:
-            wanted, examples = report.missing_images[:3], []
-            unit = "line" if str(path).endswith(".jsonl") else "record"  # how the loader numbers records
-            for q in report.questions:
-                for p in q.images:
-                    if p in wanted:
-                        wanted.remove(p)
-                        examples.append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p}")
-            raise DataError(
-                f"{path}: {len(report.missing_images)} image files are missing, e.g. {'; '.join(examples)}; "
-                "set data.image_root to the folder the paths are relative to"
-            )
+        for reason, n in report.warnings.items():
+            log.warning("%s: %s x%d, e.g. %s", path, reason, n, "; ".join(report.warning_examples[reason][:3]))
+        if self.check_images:
+            self._preflight_images(path, report.questions, report.unit)
         log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
         return report.questions
+
+    def _preflight_images(self, path: str, questions: list[Question], unit: str) -> None:
+        """Open every image once (size and mode, in a thread pool) before any model work, so a
+        corrupt, empty or folder path stops the run now instead of when a batch reaches it."""
+        issues = probe_images(p for q in questions for p in q.images)
+        if issues:
+            hint = "set data.image_root to the folder the paths are relative to, or fix or drop these records"
+            raise DataError(f"{describe_image_issues(issues, questions, path, unit)}\n{hint}")
 
     def _synthetic_files(self) -> dict[str, Path]:
         from anatomy_lightning.data.synthetic import write_synthetic_dataset

@@ -8,12 +8,16 @@ clipped to white, a transparent background turned black) would change what the m
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from anatomy_lightning.data.schema import DataError
+from anatomy_lightning.data.schema import DataError, Question
 
 _WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per pixel
 _UNREADABLE = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
@@ -54,6 +58,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """The image at `path` as RGB (EXIF orientation applied); DataError if missing or unreadable."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: is a folder, not an image file; the record should name an image inside it")
     if not Path(path).is_file():
         raise DataError(f"{path}: image file not found; check data.image_root and the record's image path")
     try:
@@ -70,11 +76,79 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
 def check_image(path: str | os.PathLike[str]) -> str | None:
     """A cheap check (header and checksums, no decode): None if fine, else the problem message."""
-    if not Path(path).is_file():
-        return f"{path}: image file not found"
+    issue = probe_image(path)
+    return None if issue is None else f"{path}: {issue.detail}"
+
+
+# -- pre-flight: every image of a set opened once ------------------------------------------------
+
+MISSING_IMAGE, FOLDER, ZERO_SIZE, UNDECODABLE = "missing", "folder", "zero size", "undecodable"
+
+
+@dataclass
+class ImageIssue:
+    path: str
+    kind: str  # one of MISSING_IMAGE, FOLDER, ZERO_SIZE, UNDECODABLE
+    detail: str
+
+
+def probe_image(path: str | os.PathLike[str]) -> ImageIssue | None:
+    """Open one image far enough to know its size and mode (header plus `verify()`), no pixel decode.
+
+    A folder is not "missing": a path like "VID01/" usually means the record names a frame folder
+    or a path was cut short, and the fix differs.
+    """
+    p = str(path)
+    if os.path.isdir(p):
+        return ImageIssue(p, FOLDER, "is a folder, not an image file")
     try:
-        with Image.open(path) as img:
-            img.verify()
+        size = os.path.getsize(p)
+    except OSError:
+        return ImageIssue(p, MISSING_IMAGE, "image file not found")
+    if size == 0:
+        return ImageIssue(p, ZERO_SIZE, "is an empty file (0 bytes)")
+    try:
+        with Image.open(p) as img:  # reads the header: size and mode
+            img.verify()  # checksums and structure, without decoding the pixels
     except _UNREADABLE as e:
-        return f"{path}: not a readable image ({type(e).__name__}: {e})"
+        return ImageIssue(p, UNDECODABLE, f"not a readable image ({type(e).__name__}: {e})")
     return None
+
+
+def probe_images(paths: Iterable[str], workers: int = 8) -> dict[str, ImageIssue]:
+    """`probe_image` on every distinct path, in a thread pool (file reads dominate): path -> issue."""
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
+        found = pool.map(probe_image, unique)
+    return {issue.path: issue for issue in found if issue is not None}
+
+
+def issues_by_kind(issues: dict[str, ImageIssue], questions: list[Question], unit: str = "record",
+                   shown: int = 3) -> dict[str, dict[str, Any]]:
+    """kind -> {"count": distinct paths, "examples": the first records with that kind of issue}."""
+    out: dict[str, dict[str, Any]] = {}
+    for q in questions:
+        for p in q.images:
+            issue = issues.get(p)
+            if issue is not None:
+                examples = out.setdefault(issue.kind, {"count": 0, "examples": []})["examples"]
+                if len(examples) < shown:
+                    examples.append(f"{unit} {q.metadata.get('record')} (id {q.id!r}): image {p} {issue.detail}")
+    for issue in issues.values():
+        if issue.kind in out:
+            out[issue.kind]["count"] += 1
+    return out
+
+
+_WORDS = {MISSING_IMAGE: "image files are missing", FOLDER: "image paths are folders",
+          ZERO_SIZE: "image files are empty (0 bytes)", UNDECODABLE: "image files cannot be decoded"}
+
+
+def describe_image_issues(issues: dict[str, ImageIssue], questions: list[Question], path: str,
+                          unit: str = "record") -> str:
+    """One message for a data file: counts per kind, then the first records with each kind of issue."""
+    grouped = issues_by_kind(issues, questions, unit)
+    head = ", ".join(f"{g['count']} {_WORDS[k]}" for k, g in grouped.items())
+    return "\n".join([f"{path}: {head}", *(f"  {m}" for g in grouped.values() for m in g["examples"])])

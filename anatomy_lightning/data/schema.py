@@ -26,6 +26,7 @@ class Question:
     `question` is the bare stem: no system text, no options block. `options` are the option
     texts in their original order; `answer_index` points into them. `similarity` is S(q) and
     `stage` the curriculum stage, both filled in by `data.similarity` once the set is scored.
+    `uid` is unique even where the file repeats an `id`.
     """
 
     id: str
@@ -36,6 +37,14 @@ class Question:
     metadata: dict[str, Any] = field(default_factory=dict)
     similarity: float | None = None
     stage: int | None = None
+    uid: str = ""  # unique key within a loaded file; "" means `id` (see `__post_init__`)
+
+    def __post_init__(self) -> None:
+        # Files may repeat an id; per-question state (the augmentation budget) must not be shared
+        # between two questions, so it is keyed on `uid`: the id itself, or "<id>#dup<k>" for the
+        # k-th repeat (set by the loader, which also warns about the repeats).
+        if not self.uid:
+            self.uid = self.id
 
     @property
     def answer_letter(self) -> str:
@@ -69,4 +78,7 @@ class Question:
         return rec
 
     def replace(self, **changes: Any) -> Question:
+        """A changed copy; a new `id` without an explicit `uid` is its own uid (a rewrite is a new question)."""
+        if "id" in changes and "uid" not in changes:
+            changes["uid"] = changes["id"]
         return dataclasses.replace(self, **changes)
