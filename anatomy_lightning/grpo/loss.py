@@ -257,14 +257,17 @@ class LossOutput:
     """The loss to minimise plus its metrics.
 
     `metrics` are this call's values (token means, `alpha`). `sums` and `counts` hold the same token
-    (or, at sequence level, row) means as numerator and denominator, so a caller that runs row
-    chunks, or several ranks, recovers the exact batch means with `combine_chunk_metrics`.
+    (or, at sequence level, row) means as numerator and denominator, and `mins` / `maxs` the
+    per-sequence extremes (TRL's `clip_ratio/low_min`, `high_max`), so a caller that runs row
+    chunks, or several ranks, recovers the exact batch values with `combine_chunk_metrics`.
     """
 
     loss: Tensor  # scalar, differentiable w.r.t. logp
     metrics: dict[str, float] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
+    mins: dict[str, float] = field(default_factory=dict)  # combined by min (inf: none seen)
+    maxs: dict[str, float] = field(default_factory=dict)  # combined by max (-inf: none seen)
 
 
 @dataclass(frozen=True)
@@ -479,12 +482,17 @@ def grpo_loss(
             low, high = low.expand_as(adv), high.expand_as(adv)
         else:
             weight, denom = m, n_tok
+        rows = weight.sum(1) > 0  # sequences with a token (all rows at sequence level)
         for name, flag in (("low", low), ("high", high), ("region", low | high)):
-            out.sums[f"clip_ratio/{name}_mean"] = float((flag.to(weight.dtype) * weight).sum())
+            f = flag.to(weight.dtype) * weight
+            out.sums[f"clip_ratio/{name}_mean"] = float(f.sum())
             out.counts[f"clip_ratio/{name}_mean"] = denom
-    out.metrics.update(_means(out.sums, out.counts))
-    out.metrics["clip_ratio/low_min"] = out.metrics["clip_ratio/low_mean"]
-    out.metrics["clip_ratio/high_max"] = out.metrics["clip_ratio/high_mean"]
+            per_seq = f.sum(1)[rows] / weight.sum(1)[rows]
+            if name == "low":
+                out.mins["clip_ratio/low_min"] = float(per_seq.min()) if per_seq.numel() else math.inf
+            elif name == "high":
+                out.maxs["clip_ratio/high_max"] = float(per_seq.max()) if per_seq.numel() else -math.inf
+    out.metrics.update(_finish(out.sums, out.counts, out.mins, out.maxs))
     return out
 
 
@@ -496,47 +504,50 @@ def _local_threshold(ent: Tensor, live: Tensor, top_entropy_quantile: float) -> 
     return torch.quantile(values, 1.0 - top_entropy_quantile)
 
 
-def _means(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-    return {k: (sums[k] / counts[k] if counts.get(k) else 0.0) for k in sums}
+def _finish(
+    sums: dict[str, float], counts: dict[str, float], mins: dict[str, float], maxs: dict[str, float]
+) -> dict[str, float]:
+    """Means from sums and counts, extremes as they are; 0.0 where nothing was counted."""
+    out = {k: (sums[k] / counts[k] if counts.get(k) else 0.0) for k in sums}
+    out.update({k: (v if math.isfinite(v) else 0.0) for k, v in {**mins, **maxs}.items()})
+    return out
 
 
 def combine_chunk_metrics(outputs: Iterable[LossOutput], across_ranks: bool = True) -> dict[str, float]:
     """Exact batch metrics from row chunks: sum of numerators over sum of denominators.
 
-    With `across_ranks` and torch.distributed initialised, numerators and denominators are also
-    summed over ranks (every rank must call this), and `clip_ratio/low_min` / `high_max` are the
-    min / max over ranks of each rank's mean, as TRL logs them. `alpha` is not here: it is a
-    property of the whole batch (`GroupAdvantages.has_signal`), not of a chunk.
+    Token means (`kl`, `entropy`, `clip_ratio/*_mean`) are weighted by token, not by row, and
+    `clip_ratio/low_min` / `high_max` are the min / max over every sequence, as TRL 1.16 logs them.
+    With `across_ranks` and torch.distributed initialised the reduction also spans the ranks (every
+    rank must call this). `alpha` is not here: it belongs to the whole batch
+    (`GroupAdvantages.has_signal`), not to a chunk.
     """
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    mins: dict[str, float] = {}
+    maxs: dict[str, float] = {}
     for out in outputs:
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0.0) + out.counts.get(k, 0.0)
-    keys = sorted(sums)
-    rank_low = rank_high = None
-    if across_ranks and _world() > 1 and keys:
-        local = _means(sums, counts)
-        packed = torch.tensor([[sums[k] for k in keys], [counts[k] for k in keys]], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            packed = packed.cuda()
-        mine = torch.tensor(
-            [local.get("clip_ratio/low_mean", 0.0), local.get("clip_ratio/high_mean", 0.0)],
-            dtype=torch.float64, device=packed.device,
-        )
-        gathered = [torch.empty_like(mine) for _ in range(_world())]
-        dist.all_gather(gathered, mine)
+        for k, v in out.mins.items():
+            mins[k] = min(mins.get(k, math.inf), v)
+        for k, v in out.maxs.items():
+            maxs[k] = max(maxs.get(k, -math.inf), v)
+    if across_ranks and _world() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        keys = sorted(sums)
+        packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        sums = dict(zip(keys, packed[0].tolist()))
-        counts = dict(zip(keys, packed[1].tolist()))
-        rank_low = min(float(g[0]) for g in gathered)
-        rank_high = max(float(g[1]) for g in gathered)
-    metrics = _means(sums, counts)
-    if "clip_ratio/low_mean" in metrics:
-        metrics["clip_ratio/low_min"] = metrics["clip_ratio/low_mean"] if rank_low is None else rank_low
-        metrics["clip_ratio/high_max"] = metrics["clip_ratio/high_mean"] if rank_high is None else rank_high
-    return metrics
+        sums = dict(zip(keys, packed[: len(keys)].tolist()))
+        counts = dict(zip(keys, packed[len(keys) :].tolist()))
+        for table, op in ((mins, dist.ReduceOp.MIN), (maxs, dist.ReduceOp.MAX)):
+            names = sorted(table)
+            if names:
+                t = torch.tensor([table[k] for k in names], dtype=torch.float64, device=device)
+                dist.all_reduce(t, op=op)
+                table.update(zip(names, t.tolist()))
+    return _finish(sums, counts, mins, maxs)
 
 
 def completion_length_metrics(lengths: Tensor, truncated: Tensor) -> dict[str, float]:
