@@ -5,9 +5,12 @@ Contract (mirrors TRL's, with our `Question` in place of dataset columns): a rew
     f(completions: list[str], questions: list[Question], **kwargs) -> list[float | None]
 
 one value per completion, `questions[i]` being the question completion i answers (repeated G
-times per group). `None` means "not applicable" and counts as 0. Functions must be deterministic
-and cheap: they run on every rollout. Built-ins are named in `REWARD_FUNCTIONS`; a user function
-is given by import path, "package.module:function".
+times per group). `None` means "cannot score this one": as in TRL, that function is left out of
+the completion's weighted sum, and a completion that no function scored gets a NaN total, which
+`group_advantages` leaves out of its group's mean and std (advantage 0). Functions must be
+deterministic and cheap: they run on every rollout. Built-ins are named in `REWARD_FUNCTIONS`; a
+user function is given by import path, "package.module:function". An exception inside a function
+surfaces as one `RewardFunctionError` line naming it (the original traceback is its `__cause__`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "RewardComputer",
     "RewardFunction",
+    "RewardFunctionError",
     "accuracy_reward",
     "extract_choice",
     "format_reward",
     "resolve_reward_function",
+    "reward_metrics",
 ]
 
 RewardFunction = Callable[..., Sequence[Any]]
@@ -206,6 +211,14 @@ def resolve_reward_function(spec: str) -> RewardFunction:
     return obj
 
 
+class RewardFunctionError(RuntimeError):
+    """A user reward function raised: the message names it and the exception in one line.
+
+    The original exception, with its traceback, is `__cause__` (Python prints it under
+    "The above exception was the direct cause"; a debug flag can choose to show it).
+    """
+
+
 class RewardComputer:
     """Calls each reward function once per batch and sums them with their weights.
 
@@ -231,20 +244,44 @@ class RewardComputer:
     def __call__(
         self, completions: list[str], questions: list[Question], **kwargs: Any
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(weighted total (B,), {name: unweighted values (B,)}), float32 on the CPU."""
+        """(weighted total (B,), {name: unweighted values (B,)}), float32 on the CPU.
+
+        A value a function could not give (None) is NaN in its per-function tensor and left out of
+        the total; a total is NaN only where no function scored that completion.
+        """
         _check_lengths(completions, questions)
         per_function: dict[str, Tensor] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)
+        scored = torch.zeros(len(completions), dtype=torch.bool)
         for name, func in self.funcs.items():
-            raw = func(completions, questions, **kwargs)
+            try:
+                raw = func(completions, questions, **kwargs)
+            except Exception as exc:  # user code: name it, keep the traceback as the cause
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise RewardFunctionError(
+                    f"reward function {name!r} raised {type(exc).__name__}"
+                    + (f": {first}" if first else "")
+                ) from exc
             values = torch.tensor(self._checked(name, raw, len(completions)), dtype=torch.float32)
             per_function[name] = values
-            total += self.weights[name] * values
+            ok = ~torch.isnan(values)
+            total = total + torch.where(ok, self.weights[name] * values, torch.zeros_like(values))
+            scored |= ok
+        if not torch.isfinite(total).all():
+            row = int((~torch.isfinite(total)).nonzero()[0])
+            parts = ", ".join(f"{n!r} {float(v[row])!r} x {self.weights[n]}" for n, v in per_function.items())
+            raise ValueError(
+                f"the weighted reward of completion {row} overflows to {float(total[row])} ({parts}); "
+                "scale the reward functions or their weights down"
+            )
+        total = torch.where(scored, total, torch.full_like(total, math.nan))
         return total, per_function
 
     @staticmethod
     def _checked(name: str, values: Any, expected: int) -> list[float]:
-        """None -> 0.0; anything but a finite real number is the function's bug: raise."""
+        """None -> NaN ("cannot score"); anything but a finite real number is the function's bug."""
+        if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+            values = values.tolist()  # a tensor or an array of rewards
         if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
             raise ValueError(
                 f"reward function {name!r} returned {type(values).__name__}; "
@@ -258,12 +295,35 @@ class RewardComputer:
         out = []
         for i, v in enumerate(values):
             if v is None:
-                out.append(0.0)
+                out.append(math.nan)
             elif isinstance(v, numbers.Real) and math.isfinite(v):
                 out.append(float(v))
             else:
                 raise ValueError(
                     f"reward function {name!r} returned {v!r} for completion {i}; rewards must be "
-                    "finite numbers (or None for not applicable)"
+                    "finite numbers (or None for cannot score)"
                 )
         return out
+
+
+def _nan_mean_std(values: Tensor) -> tuple[float, float]:
+    """Mean and sample std of the non-NaN values (TRL's nanmean / nanstd); 0 where undefined."""
+    v = values[~torch.isnan(values)].double()
+    mean = float(v.mean()) if v.numel() else 0.0
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    return mean, std
+
+
+def reward_metrics(total: Tensor, per_function: dict[str, Tensor]) -> dict[str, float]:
+    """TRL's tags `reward`, `rewards/<fn>/mean` and `rewards/<fn>/std`, over scored values only.
+
+    Completions a function could not score (NaN) are left out of its statistics, as TRL's
+    nanmean / nanstd do; `reward_unscored_share` is the share of completions no function scored.
+    """
+    mean, _ = _nan_mean_std(total.detach().cpu())
+    out = {"reward": mean, "reward_unscored_share": float(torch.isnan(total).float().mean())}
+    for name, values in per_function.items():
+        fn_mean, fn_std = _nan_mean_std(values.detach().cpu())
+        out[f"rewards/{name}/mean"] = fn_mean
+        out[f"rewards/{name}/std"] = fn_std
+    return out

@@ -10,11 +10,17 @@ import torch
 
 from anatomy_lightning.grpo.loss import (
     LOSS_AGGREGATIONS,
+    LossOutput,
+    chunk_weight,
+    combine_chunk_metrics,
+    completion_length_metrics,
     group_advantages,
     grpo_loss,
+    high_entropy_threshold,
     is_finite_loss,
     kl_k3,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 # --- group_advantages ------------------------------------------------------------------------
@@ -68,12 +74,54 @@ def test_integer_rewards_are_promoted_to_float() -> None:
     [
         (torch.zeros(5), 2, "does not divide the 5 rewards"),
         (torch.zeros(2, 2), 2, "shape (B,)"),
-        (torch.tensor([0.0, float("nan")]), 2, "NaN/inf"),
+        (torch.tensor([0.0, float("inf")]), 2, "rewards contain inf"),
+        (torch.zeros(4), 2, "scale_rewards='std'"),
     ],
 )
 def test_advantages_reject_bad_input(rewards: torch.Tensor, group_size: int, message: str) -> None:
+    scale = "std" if "scale_rewards" in message else True
     with pytest.raises(ValueError, match=re.escape(message)):
-        group_advantages(rewards, group_size)
+        group_advantages(rewards, group_size, scale_rewards=scale)
+
+
+def test_scale_rewards_strings_match_the_booleans() -> None:
+    for word, flag in (("group", True), ("none", False)):
+        a = group_advantages(REWARDS, 3, scale_rewards=word).advantages
+        assert torch.equal(a, group_advantages(REWARDS, 3, scale_rewards=flag).advantages)
+
+
+def test_scale_rewards_batch_divides_by_the_batch_std() -> None:
+    # All 9 rewards: mean 10.5 / 9 = 7/6; sum of squares 25.75, so the squared deviations sum to
+    # 25.75 - 9 * (7/6)^2 = 13.5 -> sample var 13.5 / 8 = 1.6875, std 1.299038. The centring stays
+    # per group ([-1, 0, 1], [-2, 0, 2], no signal), only the divisor is the batch's.
+    out = group_advantages(REWARDS, group_size=3, scale_rewards="batch", eps=1e-4)
+    d = math.sqrt(1.6875) + 1e-4
+    expected = [-1 / d, 0, 1 / d, -2 / d, 0, 2 / d, 0, 0, 0]
+    torch.testing.assert_close(out.advantages, torch.tensor(expected))
+    assert out.has_signal.tolist() == [True, True, False]  # signal is still a property of the group
+
+
+def test_unscored_rewards_are_left_out_of_the_group_statistics() -> None:
+    # Group 0 [1, 0, NaN, 2]: scored [1, 0, 2] -> mean 1, sample std 1; the NaN row gets 0.
+    #   (counted as 0 instead it would be mean 0.75, std 0.957 and advantage -0.78 for that row)
+    # Group 1 [NaN, 3, NaN, NaN]: one scored member cannot be compared -> no signal.
+    nan = float("nan")
+    out = group_advantages(torch.tensor([1.0, 0.0, nan, 2.0, nan, 3.0, nan, nan]), group_size=4)
+    d = 1.0 + 1e-4
+    torch.testing.assert_close(out.advantages, torch.tensor([0.0, -1 / d, 0.0, 1 / d, 0, 0, 0, 0]))
+    torch.testing.assert_close(out.group_mean, torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(out.group_std, torch.tensor([1.0, 0.0]))
+    assert out.has_signal.tolist() == [True, False]
+    assert out.scored.tolist() == [True, True, False, True, False, True, False, False]
+    batch = group_advantages(torch.tensor([1.0, 0.0, nan, 2.0, nan, 3.0, nan, nan]), 4, "batch")
+    # scored [1, 0, 2, 3]: mean 1.5, squared deviations 0.25 + 2.25 + 0.25 + 2.25 = 5 -> std sqrt(5/3)
+    torch.testing.assert_close(batch.advantages[:4], torch.tensor([0.0, -1.0, 0.0, 1.0]) / (math.sqrt(5 / 3) + 1e-4))
+
+
+def test_group_advantage_metrics() -> None:
+    # group stds [1, 2, 0] -> reward_std 1; one group of three has zero std
+    metrics = group_advantages(REWARDS, group_size=3).metrics()
+    assert metrics == pytest.approx({"reward_std": 1.0, "frac_reward_zero_std": 1 / 3})
 
 
 # --- token_logprobs and kl_k3 ----------------------------------------------------------------
@@ -97,6 +145,17 @@ def test_token_logprobs_matches_log_softmax_and_chunking() -> None:
         torch.testing.assert_close(token_logprobs(logits, targets, chunk_size=chunk), full)
 
 
+def test_token_entropy_hand_values() -> None:
+    # row 0: softmax [1/4, 3/4, 0-ish]: H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335 ; row 1 uniform over 3: ln 3
+    logits = torch.tensor([[[0.0, math.log(3.0), -1e4]], [[1.0, 1.0, 1.0]]], requires_grad=True)
+    logp, ent = token_logprobs_and_entropy(logits, torch.tensor([[1], [2]]), chunk_size=1)
+    torch.testing.assert_close(logp, torch.tensor([[math.log(0.75)], [-math.log(3.0)]]))
+    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(ent, torch.tensor([[h0], [math.log(3.0)]]))
+    assert logp.requires_grad and not ent.requires_grad  # a diagnostic, never a loss term
+    assert token_logprobs_and_entropy(logits, torch.tensor([[1], [2]]), entropy=False)[1] is None
+
+
 def test_token_logprobs_upcasts_half_precision_and_keeps_grad() -> None:
     logits = torch.randn(2, 3, 7, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.zeros(2, 3, dtype=torch.long)
@@ -106,17 +165,48 @@ def test_token_logprobs_upcasts_half_precision_and_keeps_grad() -> None:
     assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
 
 
-def test_kl_k3_zero_positive_and_clamped() -> None:
-    logp = torch.tensor([-0.3, -1.2, 0.0, 0.0, 0.0])
-    assert torch.equal(kl_k3(logp, logp.clone()), torch.zeros(5))
-    # d = ln 0.5: 0.5 - ln 0.5 - 1 = ln 2 - 0.5 ; d = 1: e - 2 ; d = 100 clamped to 20 / to 5
-    ref = torch.tensor([-0.3 + math.log(0.5), -0.2, 100.0, -100.0, 100.0])
+def test_kl_k3_hand_values_and_no_clamp() -> None:
+    logp = torch.tensor([-0.3, -1.2, 0.0, 0.0])
+    assert torch.equal(kl_k3(logp, logp.clone()), torch.zeros(4))
+    # d = ln 0.5: 0.5 - ln 0.5 - 1 = ln 2 - 0.5 ; d = 1: e - 2 ; d = 25: e^25 - 26 ; d = -25: e^-25 + 24
+    ref = torch.tensor([-0.3 + math.log(0.5), -0.2, 25.0, -25.0])
     out = kl_k3(logp, ref)
     torch.testing.assert_close(out[:2], torch.tensor([math.log(2) - 0.5, math.e - 2]))
-    torch.testing.assert_close(out[2], torch.tensor(math.exp(20) - 21))
-    torch.testing.assert_close(out[3], torch.tensor(math.exp(-20) + 19))
-    torch.testing.assert_close(kl_k3(logp, ref, clamp=5.0)[4], torch.tensor(math.exp(5) - 6))
-    assert (out > 0).all()
+    torch.testing.assert_close(out[2], torch.tensor(math.exp(25) - 26))  # the old clamp gave e^20 - 21
+    torch.testing.assert_close(out[3], torch.tensor(math.exp(-25) + 24))  # ... and e^-20 + 19
+    assert (out[1:] > 0).all()
+
+
+def test_kl_gradient_survives_a_25_nat_gap() -> None:
+    """d(beta * k3)/d logp = beta * (1 - exp(ref - logp)), whatever the gap.
+
+    logp - ref = 25 nats (policy far more confident than the reference): the gradient is
+    beta * (1 - e^-25) = beta to 1e-11, pulling logp back down; the old clamp of ref - logp at -20
+    made it exactly 0. logp - ref = -25: beta * (1 - e^25), finite and as large as it should be.
+    """
+    beta = 0.1
+    logp = torch.zeros(2, 1, requires_grad=True)
+    ref = torch.tensor([[-25.0], [25.0]])
+    out = grpo_loss("bnpo", logp, torch.zeros(2), torch.ones(2, 1), ref_logp=ref, beta=beta)
+    out.loss.backward()
+    # the token mean over 2 tokens halves each token's gradient
+    assert logp.grad[0, 0].item() == pytest.approx(beta * (1 - math.exp(-25)) / 2, rel=1e-6)
+    assert logp.grad[0, 0].item() == pytest.approx(beta / 2, rel=1e-6)
+    assert logp.grad[1, 0].item() == pytest.approx(beta * (1 - math.exp(25)) / 2, rel=1e-5)
+
+
+def test_kl_k3_stays_finite_beyond_float32_range_and_upcasts_half() -> None:
+    # d = 60 is continued along the tangent at 50: value e^50 (1 + 10) - 61, gradient 1 - e^50;
+    # d = -1000 is exact: 999 with gradient 1 (exp underflows harmlessly).
+    logp = torch.zeros(2, requires_grad=True)
+    out = kl_k3(logp, torch.tensor([60.0, -1000.0]))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(logp.grad).all()
+    assert out[0].item() == pytest.approx(math.exp(50) * 11 - 61, rel=1e-5)
+    assert out[1].item() == pytest.approx(999.0)
+    assert logp.grad.tolist() == pytest.approx([1 - math.exp(50), 1.0], rel=1e-5)
+    half = kl_k3(torch.zeros(1, dtype=torch.float16), torch.tensor([12.0], dtype=torch.float16))
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(math.exp(12) - 13, rel=1e-6)
 
 
 # --- grpo_loss: 2 groups x 2 completions x 3 tokens ------------------------------------------
@@ -130,19 +220,19 @@ LOGP = [[-0.1, -0.2, -0.3], [-0.4, -0.5, PAD], [-0.6, PAD, PAD], [-0.7, -0.8, -0
 #   grpo    : mean_i(-A_i)                           = -(2 - 1 + 1 - 0.5) / 4          = -0.375
 #   bnpo/dapo: sum_tokens(-A_i) / 9                  = -(6 - 2 + 1 - 1.5) / 9          = -3.5 / 9
 #   dr_grpo : sum_tokens(-A_i) / (B * L=4)           = -3.5 / 16                       = -0.21875
-#   gpg     : mean_i(mean_t(-logp * A_i)), alpha = 2 groups / 2 with signal = 1
-#             seq0: 0.6*2/3 = 0.4 ; seq1: -0.9/2 = -0.45 ; seq2: 0.6 ; seq3: -2.4*0.5/3 = -0.4
-#             -> (0.4 - 0.45 + 0.6 - 0.4) / 4 = 0.0375
-EXPECTED = {"grpo": -0.375, "bnpo": -3.5 / 9, "dapo": -3.5 / 9, "dr_grpo": -0.21875, "gpg": 0.0375}
+#   gpg     : sum_tokens(-logp * A_i) / 9 * alpha, alpha = 2 groups / 2 with signal = 1
+#             seq0: 0.6*2 = 1.2 ; seq1: -0.9 ; seq2: 0.6 ; seq3: -2.4*0.5 = -1.2 -> -0.3 / 9
+#             (the per-sequence mean it replaced gave (0.4 - 0.45 + 0.6 - 0.4) / 4 = 0.0375)
+EXPECTED = {"grpo": -0.375, "bnpo": -3.5 / 9, "dapo": -3.5 / 9, "dr_grpo": -0.21875, "gpg": -0.3 / 9}
 # d loss / d logp on live tokens (0 on padding):
-#   grpo: -A_i / (len_i * B) ; bnpo: -A_i / 9 ; dr_grpo: -A_i / 16 ; gpg: -A_i / (len_i * B)
+#   grpo: -A_i / (len_i * B) ; bnpo, dapo, gpg: -A_i / 9 ; dr_grpo: -A_i / 16
 LENGTHS = torch.tensor([3.0, 2.0, 1.0, 3.0])[:, None]
 EXPECTED_GRAD = {
     "grpo": -ADV[:, None] / (LENGTHS * 4),
     "bnpo": -ADV[:, None] / 9 * torch.ones(1, 3),
     "dapo": -ADV[:, None] / 9 * torch.ones(1, 3),
     "dr_grpo": -ADV[:, None] / 16 * torch.ones(1, 3),
-    "gpg": -ADV[:, None] / (LENGTHS * 4),
+    "gpg": -ADV[:, None] / 9 * torch.ones(1, 3),
 }
 COMMON = {"max_completion_length": 4, "has_signal": torch.tensor([True, True]), "group_size": 2}
 
@@ -383,3 +473,200 @@ def test_chunked_loss_equals_full_batch_loss(loss_type: str) -> None:
     (g_chunk,) = torch.autograd.grad(total, logp)
     assert torch.allclose(total, full, atol=1e-6)
     assert torch.allclose(g_chunk, g_full, atol=1e-6)
+
+
+# --- the authors' gpg on unequal lengths ----------------------------------------------------------
+
+
+def test_gpg_is_the_authors_token_mean_times_alpha_on_unequal_lengths() -> None:
+    """(-logp*A + beta*k3) summed over the 8 live tokens, / 8, * alpha = 2 groups / 1 with signal.
+
+    rewards [1, 0 | 1, 1] unscaled -> A = [0.5, -0.5, 0, 0]; lengths 3, 1, 2, 2.
+    -logp*A per sequence: 0.5 * (1 + 2 + 3) = 3 ; -0.5 * 4 = -2 ; 0 ; 0 -> sum 1.
+    k3 = 1 - ln 2 on each of 8 tokens: beta * 8 * k3 = 0.8 * 0.306853 = 0.245482.
+    loss = (1 + 0.245482) / 8 * 2 = 0.311371. The per-sequence mean it replaced:
+    ((1 - 2 + 0 + 0) / 4 + 0.1 * k3) * 2 = (-0.25 + 0.030685) * 2 = -0.438629 (off by 0.75).
+    """
+    adv = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, scale_rewards="none")
+    P = -7.0
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, P, P], [-1.0, -1.0, P], [-2.0, -2.0, P]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
+    ref = logp.detach() + math.log(2)
+    out = grpo_loss("gpg", logp, adv.advantages, mask, ref_logp=ref, beta=0.1,
+                    has_signal=adv.has_signal, group_size=2)
+    k = 1 - math.log(2)
+    assert out.loss.item() == pytest.approx((1 + 0.8 * k) / 8 * 2, abs=1e-6)
+    assert out.loss.item() == pytest.approx(0.311371, abs=1e-6)
+    out.loss.backward()
+    # d/dlogp: (-A + beta * (1 - 2)) / 8 * 2 on live tokens
+    expected = (-adv.advantages[:, None] - 0.1) / 4 * mask
+    torch.testing.assert_close(logp.grad, expected)
+
+
+# --- dapo: the global token normaliser --------------------------------------------------------------
+
+
+def test_dapo_divides_by_the_global_token_count_times_processes() -> None:
+    # 9 live tokens here, 18 in the whole batch over 2 ranks: loss = sum * 2 / 18 = sum / 9 when the
+    # other rank holds as many tokens; with 30 in all, -3.5 * 2 / 30.
+    logp = _logp()
+    out = grpo_loss("dapo", logp, ADV, MASK, num_items_in_batch=torch.tensor(30.0), num_processes=2)
+    torch.testing.assert_close(out.loss, torch.tensor(-3.5 * 2 / 30))
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, -ADV[:, None] * 2 / 30 * MASK)
+    assert chunk_weight("dapo", MASK[:2], MASK, num_items_in_batch=30.0) == 1.0
+    assert chunk_weight("dapo", MASK[:2], MASK) == pytest.approx(5 / 9)  # local normaliser: chunk share
+
+
+def test_dapo_chunks_with_the_global_count_equal_the_full_batch() -> None:
+    full = grpo_loss("dapo", _logp(), ADV, MASK, num_items_in_batch=MASK.sum())
+    parts = [grpo_loss("dapo", _logp()[rows], ADV[rows], MASK[rows], num_items_in_batch=MASK.sum())
+             for rows in (slice(0, 2), slice(2, 4))]
+    total = sum(chunk_weight("dapo", MASK[r], MASK, num_items_in_batch=MASK.sum()) * p.loss
+                for r, p in zip((slice(0, 2), slice(2, 4)), parts))
+    torch.testing.assert_close(total, full.loss)
+    torch.testing.assert_close(full.loss, torch.tensor(-3.5 / 9))
+
+
+# --- GSPO: sequence-level importance sampling ---------------------------------------------------------
+
+
+def test_sequence_level_ratio_is_exp_of_the_mean_log_ratio() -> None:
+    """rho_i = exp(mean_t log(pi / pi_old)), one per sequence, clipped as a whole.
+
+    seq0 (A = +1): token ratios 1.5, 1.1 -> rho = sqrt(1.65) = 1.284523 > 1.2: clipped, -1.2, grad 0
+    seq1 (A = -2): token ratios 0.5, 1.5 -> rho = sqrt(0.75) = 0.866025, inside: 2 * 0.866025
+    grpo loss = (-1.2 + 1.732051) / 2 = 0.266025 (token level gave 0.575)
+    grad seq1 tokens: (1 / B) * (-A) * rho * (1 / len) = 0.5 * 2 * 0.866025 / 2 = 0.433013
+    clip ratios are per sequence: high 1 of 2 rows, low 0.
+    """
+    logp = torch.zeros(2, 2, requires_grad=True)
+    out = grpo_loss("grpo", logp, CLIP_ADV, torch.ones(2, 2), old_logp=-RATIOS.log(),
+                    importance_sampling_level="sequence")
+    assert out.loss.item() == pytest.approx((-1.2 + 2 * math.sqrt(0.75)) / 2, abs=1e-6)
+    out.loss.backward()
+    r = math.sqrt(0.75) / 2
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0], [r, r]]))
+    assert out.metrics["clip_ratio/high_mean"] == 0.5 and out.metrics["clip_ratio/low_mean"] == 0.0
+    assert out.metrics["clip_ratio/high_max"] == 1.0 and out.metrics["clip_ratio/region_mean"] == 0.5
+
+
+def test_sequence_level_on_policy_gradient_is_the_token_level_one_for_grpo() -> None:
+    # rho = 1 with old = logp.detach(): d rho_i / d logp_it = 1 / len_i, the same as the token mean
+    # of per-token ratios, so for grpo the two levels agree exactly on-policy.
+    grads = []
+    for level in ("token", "sequence"):
+        logp = _logp()
+        grpo_loss("grpo", logp, ADV, MASK, importance_sampling_level=level).loss.backward()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# --- the importance-weighted (bias-corrected) KL ----------------------------------------------------
+
+
+def test_bias_corrected_kl_is_k3_times_the_ratio() -> None:
+    """TRL's use_bias_correction_kl: kl * rho, gradient through both factors.
+
+    One token, logp = 0, old = -ln 2 (rho = 2), ref = ln 2 (d = ln 2, k3 = 1 - ln 2 = 0.306853),
+    A = 0, beta = 0.1: value 0.1 * 2 * k3 = 0.061371 (plain 0.030685); gradient
+    0.1 * ((1 - e^d) * rho + k3 * rho) = 0.1 * (-2 + 0.613706) = -0.138629 (plain -0.1).
+    """
+    k = 1 - math.log(2)
+    for corrected, value, grad in ((True, 0.2 * k, 0.1 * (-2 + 2 * k)), (False, 0.1 * k, -0.1)):
+        logp = torch.zeros(1, 1, requires_grad=True)
+        out = grpo_loss("bnpo", logp, torch.zeros(1), torch.ones(1, 1), old_logp=torch.full((1, 1), -math.log(2)),
+                        ref_logp=torch.full((1, 1), math.log(2)), beta=0.1, use_bias_correction_kl=corrected)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(value, rel=1e-6)
+        assert logp.grad.item() == pytest.approx(grad, rel=1e-6)
+        assert out.metrics["kl"] == pytest.approx(value / 0.1, rel=1e-6)  # logged as TRL does
+
+
+# --- entropy and top_entropy_quantile ------------------------------------------------------------------
+
+ENT = torch.tensor([[0.1, 0.5, 99.0], [0.9, 0.3, 99.0]])  # 99 on padding must never count
+ENT_MASK = torch.tensor([[1, 1, 0], [1, 1, 0]])
+
+
+def test_top_entropy_quantile_keeps_only_the_high_entropy_tokens() -> None:
+    """rho = 0.5: threshold = quantile([0.1, 0.5, 0.9, 0.3], 0.5) = 0.4 -> keep 0.5 and 0.9.
+
+    A = [2, -1], rho_ratio = 1: bnpo loss = (-2 [token 0,1] + 1 [token 1,0]) / 4 = -0.25; the KL
+    (k3 = 1 - ln 2 on every live token, beta 0.1) stays on all four: + 0.1 * (1 - ln 2).
+    Entropy metric: token mean over live tokens (0.1 + 0.5 + 0.9 + 0.3) / 4 = 0.45.
+    """
+    logp = torch.zeros(2, 3, requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    assert high_entropy_threshold(ENT, ENT_MASK, 0.5).item() == pytest.approx(0.4)
+    out = grpo_loss("bnpo", logp, adv, ENT_MASK, entropy=ENT, top_entropy_quantile=0.5,
+                    ref_logp=torch.full((2, 3), math.log(2)), beta=0.1)
+    assert out.loss.item() == pytest.approx(-0.25 + 0.1 * (1 - math.log(2)), abs=1e-6)
+    assert out.metrics["entropy"] == pytest.approx(0.45)
+    out.loss.backward()
+    kl_grad = 0.1 * (1 - 2) / 4
+    expected = torch.tensor([[kl_grad, -0.5 + kl_grad, 0.0], [0.25 + kl_grad, kl_grad, 0.0]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_top_entropy_quantile_bounds() -> None:
+    # rho = 0 keeps only the highest live entropy (0.9, row 1); rho = 1 keeps every token.
+    logp = torch.zeros(2, 3, requires_grad=True)
+    out = grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, entropy=ENT, top_entropy_quantile=0.0)
+    assert out.loss.item() == pytest.approx(1 / 4)
+    every = grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, entropy=ENT, top_entropy_quantile=1.0)
+    assert every.loss.item() == pytest.approx((-4 + 2) / 4)
+    assert high_entropy_threshold(ENT, ENT_MASK, 1.0).item() == -math.inf
+    assert high_entropy_threshold(ENT, torch.zeros(2, 3), 0.5).item() == math.inf
+    # a threshold from the whole micro-batch overrides the rows' own: 0.2 keeps 0.5, 0.9, 0.3
+    given = grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, entropy=ENT, entropy_threshold=0.2)
+    assert given.loss.item() == pytest.approx((-2 + 1 + 1) / 4)
+    with pytest.raises(ValueError, match="needs the per-token entropy"):
+        grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match=r"top_entropy_quantile must be in \[0, 1\]"):
+        grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, entropy=ENT, top_entropy_quantile=1.5)
+    with pytest.raises(ValueError, match="importance_sampling_level='seq'"):
+        grpo_loss("bnpo", logp, torch.tensor([2.0, -1.0]), ENT_MASK, importance_sampling_level="seq")
+
+
+# --- metrics by token, combined over row chunks ---------------------------------------------------------
+
+
+def test_chunk_metrics_are_weighted_by_token_not_by_row() -> None:
+    """Chunk A: 1 row of 4 tokens with k3 = 1 - ln 2 = 0.306853; chunk B: 1 row of 1 token with
+    k3 = 3 - ln 3 - 1 = 0.901388. Token mean (4 * 0.306853 + 0.901388) / 5 = 0.425760; the row
+    share average the module used gave (0.306853 + 0.901388) / 2 = 0.604121.
+    """
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    ref = torch.tensor([[math.log(2)] * 4, [math.log(3), 0, 0, 0]])
+    old = torch.tensor([[0.0, 0.0, 0.0, -math.log(1.5)], [-math.log(1.5), 0, 0, 0]])  # rho 1.5 -> clipped
+    ent = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0, 0, 0]])
+    kw = dict(old_logp=old, ref_logp=ref, beta=0.1, entropy=ent)
+    adv = torch.tensor([1.0, 1.0])
+    chunks = [grpo_loss("bnpo", logp[r], adv[r], mask[r], **{k: v[r] for k, v in kw.items() if k != "beta"},
+                        beta=0.1) for r in (slice(0, 1), slice(1, 2))]
+    full = grpo_loss("bnpo", logp, adv, mask, **kw)
+    combined = combine_chunk_metrics(chunks)
+    k_a, k_b = 1 - math.log(2), 3 - math.log(3) - 1
+    assert combined["kl"] == pytest.approx((4 * k_a + k_b) / 5)
+    assert combined["kl"] == pytest.approx(0.425760, abs=1e-6)
+    assert combined["entropy"] == pytest.approx((4 + 3) / 5)
+    # 2 of 5 tokens clipped high; per sequence 1/4 and 1/1 -> high_max 1; nothing low -> low_min 0
+    assert combined["clip_ratio/high_mean"] == pytest.approx(2 / 5)
+    assert combined["clip_ratio/high_max"] == 1.0 and combined["clip_ratio/low_min"] == 0.0
+    for key, value in full.metrics.items():
+        assert combined[key] == pytest.approx(value), key
+    assert combine_chunk_metrics([LossOutput(loss=torch.zeros(()))]) == {}
+
+
+def test_completion_length_metrics() -> None:
+    # lengths 3, 5 terminated; 8, 8 cut at the limit
+    out = completion_length_metrics(torch.tensor([3, 5, 8, 8]), torch.tensor([False, False, True, True]))
+    assert out == {
+        "completions/mean_length": 6.0, "completions/min_length": 3.0, "completions/max_length": 8.0,
+        "completions/clipped_ratio": 0.5, "completions/mean_terminated_length": 4.0,
+        "completions/min_terminated_length": 3.0, "completions/max_terminated_length": 5.0,
+    }
+    none = completion_length_metrics(torch.tensor([8, 8]), torch.tensor([True, True]))
+    assert none["completions/mean_terminated_length"] == 0.0 and none["completions/clipped_ratio"] == 1.0

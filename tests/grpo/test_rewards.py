@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from anatomy_lightning.data.schema import Question
+from anatomy_lightning.grpo.loss import group_advantages
 from anatomy_lightning.grpo.rewards import (
     REWARD_FUNCTIONS,
     RewardComputer,
+    RewardFunctionError,
     accuracy_reward,
     extract_choice,
     format_reward,
     option_text_reward,
     resolve_reward_function,
+    reward_metrics,
 )
 
 # tests/grpo/ is one level deeper than tests/: the repo root is parents[2], data sits beside it.
@@ -42,6 +45,26 @@ def nan_second(completions: list[str], questions: list[Question], **kwargs) -> l
 
 def text_reward(completions: list[str], questions: list[Question], **kwargs) -> list:
     return ["good"] * len(completions)
+
+
+def raising_reward(completions: list[str], questions: list[Question], **kwargs) -> list:
+    return [1.0 / (len(c) - len(c)) for c in completions]  # ZeroDivisionError
+
+
+def multiline_error_reward(completions: list[str], questions: list[Question], **kwargs) -> list:
+    raise ValueError("no gold answer for record q1\n  second line of detail")
+
+
+def scores_odd_rows(completions: list[str], questions: list[Question], **kwargs) -> list:
+    return [None if i % 2 == 0 else 1.0 for i in range(len(completions))]
+
+
+def huge_reward(completions: list[str], questions: list[Question], **kwargs) -> list[float]:
+    return [3e38] * len(completions)
+
+
+def tensor_reward(completions: list[str], questions: list[Question], **kwargs) -> torch.Tensor:
+    return torch.arange(len(completions), dtype=torch.float64) / 2
 
 
 NOT_CALLABLE = 3
@@ -212,11 +235,70 @@ def test_reward_computer_weighted_sum() -> None:
     assert total.dtype == torch.float32 and total.shape == (3,)
 
 
-def test_reward_computer_counts_none_as_zero() -> None:
+def test_reward_computer_none_is_unscored_and_left_out_of_the_group() -> None:
+    # One function, None for completion 0: nothing scored it, its total is NaN; the others 3.0.
     computer = RewardComputer({"tests.grpo.test_rewards:not_applicable_first": 3.0})
-    total, parts = computer(["x", "y"], [QUESTION, QUESTION])
-    assert total.tolist() == [0.0, 3.0]
-    assert parts["tests.grpo.test_rewards:not_applicable_first"].tolist() == [0.0, 1.0]
+    total, parts = computer(["x", "y", "z"], [QUESTION] * 3)
+    assert math.isnan(total[0]) and total[1:].tolist() == [3.0, 3.0]
+    assert math.isnan(parts["tests.grpo.test_rewards:not_applicable_first"][0])
+
+
+def test_reward_computer_none_of_one_function_leaves_the_others_in_the_sum() -> None:
+    # TRL's nansum: accuracy scores every row; the second function only the odd ones, weight 0.5.
+    #   completions [gold C, B, gold C, B] -> accuracy [1, 0, 1, 0]; odd rows +0.5 -> [1, 0.5, 1, 0.5]
+    computer = RewardComputer({"accuracy": 1.0, "tests.grpo.test_rewards:scores_odd_rows": 0.5})
+    total, parts = computer([_answer("C"), _answer("B")] * 2, [QUESTION] * 4)
+    assert total.tolist() == [1.0, 0.5, 1.0, 0.5]
+    odd = parts["tests.grpo.test_rewards:scores_odd_rows"]
+    assert torch.isnan(odd[::2]).all() and odd[1::2].tolist() == [1.0, 1.0]
+    metrics = reward_metrics(total, parts)
+    # mean/std over scored values only: odd function [1, 1] -> mean 1, std 0 (TRL nanmean / nanstd)
+    assert metrics["rewards/tests.grpo.test_rewards:scores_odd_rows/mean"] == 1.0
+    assert metrics["rewards/tests.grpo.test_rewards:scores_odd_rows/std"] == 0.0
+    # accuracy [1, 0, 1, 0]: mean 0.5, sample std sqrt(1 / 3) = 0.57735
+    assert metrics["rewards/accuracy/mean"] == 0.5
+    assert metrics["rewards/accuracy/std"] == pytest.approx(math.sqrt(1 / 3))
+    assert metrics["reward"] == 0.75 and metrics["reward_unscored_share"] == 0.0
+
+
+def test_unscored_rows_get_no_advantage_and_do_not_shift_the_group() -> None:
+    # scores_odd_rows alone: group of 4 -> rows 0, 2 unscored, rows 1, 3 both 1.0 -> no signal;
+    # with accuracy too the totals are [1, 0.5, 1, 0.5]: all four scored, mean 0.75, std 0.288675
+    alone = RewardComputer({"tests.grpo.test_rewards:scores_odd_rows": 1.0})
+    total, parts = alone(["a", "b", "c", "d"], [QUESTION] * 4)
+    adv = group_advantages(total, group_size=4)
+    assert adv.advantages.tolist() == [0.0] * 4 and adv.has_signal.tolist() == [False]
+    assert adv.scored.tolist() == [False, True, False, True]
+    metrics = reward_metrics(total, parts)
+    assert metrics["reward"] == 1.0 and metrics["reward_unscored_share"] == 0.5
+
+
+def test_a_raising_reward_function_is_one_line_naming_it() -> None:
+    computer = RewardComputer({"accuracy": 1.0, "tests.grpo.test_rewards:raising_reward": 1.0})
+    with pytest.raises(RewardFunctionError) as info:
+        computer(["a", "b"], [QUESTION] * 2)
+    assert str(info.value) == (
+        "reward function 'tests.grpo.test_rewards:raising_reward' raised ZeroDivisionError: float division by zero"
+    )
+    assert isinstance(info.value.__cause__, ZeroDivisionError)  # the traceback is kept
+    assert info.value.__cause__.__traceback__ is not None
+    multi = RewardComputer({"tests.grpo.test_rewards:multiline_error_reward": 1.0})
+    with pytest.raises(RewardFunctionError, match=r"raised ValueError: no gold answer for record q1$") as info:
+        multi(["a"], [QUESTION])
+    assert "\n" not in str(info.value)
+
+
+def test_reward_computer_accepts_a_tensor_of_rewards() -> None:
+    total, _ = RewardComputer({"tests.grpo.test_rewards:tensor_reward": 2.0})(["a", "b", "c"], [QUESTION] * 3)
+    assert total.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_weighted_sum_that_overflows_names_the_functions() -> None:
+    # 3e38 is a finite float32... until weight 2 doubles it past 3.4e38
+    computer = RewardComputer({"accuracy": 1.0, "tests.grpo.test_rewards:huge_reward": 2.0})
+    message = r"completion 0 overflows to inf .*'tests.grpo.test_rewards:huge_reward' 3\.0\d*e\+38 x 2\.0"
+    with pytest.raises(ValueError, match=message):
+        computer(["a", "b"], [QUESTION] * 2)
 
 
 @pytest.mark.parametrize(
