@@ -11,11 +11,13 @@ traceback (set ANATOMY_LIGHTNING_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import set_parsing_settings
@@ -23,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
+from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
 from anatomy_lightning.module import GRPOModule
 
@@ -89,7 +92,9 @@ class AnatomyCLI(LightningCLI):
         if model is None:
             return
         check_quantization_supported(model.get("quantization"))
-        resolve_model_path(model.get("model"))
+        path = resolve_model_path(model.get("model"))
+        if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families
+            family_for_type(json.loads((Path(path) / "config.json").read_text()).get("model_type", "?"), path)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

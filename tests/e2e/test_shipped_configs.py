@@ -94,3 +94,11 @@ def _fit_and_test(configs: list[Path], tmp: Path, lora: bool) -> None:
     rows = predictions(preds)
     assert rows and all({"prediction", "correct", "completion"} <= set(r) for r in rows)
     assert "overall" in test.stdout
+
+
+def test_the_lora_command_that_used_to_crash(tmp_path: Path) -> None:
+    """`fit --config configs/demo.yaml --model.lora '{"r":4,"alpha":8}'` (the issue's command), shrunk."""
+    configs = [CONFIGS / "demo.yaml", cpu_override(tmp_path, model=None)]
+    run_cli("fit", configs, tmp_path, "--run_name=e2e", "--model.lora", '{"r":4,"alpha":8}')
+    adapter = json.loads((tmp_path / "checkpoints" / "e2e" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
