@@ -24,6 +24,7 @@ from anatomy_lightning.data.loader import load_questions
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
 from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
+from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.format, self.fields = format, fields
         self.image_root, self.on_bad_record = image_root, on_bad_record
-        self.check_images, self.synthetic = check_images, synthetic
+        self.check_images = check_images
+        self.synthetic = coerce_settings(SyntheticSettings, synthetic, "data.synthetic")  # a dict from Python or the CLI
         self.val_fraction, self.num_stages = val_fraction, num_stages
         self.similarity_encoder, self.similarity_aggregation = similarity_encoder, similarity_aggregation
         self.embedding_cache_dir = embedding_cache_dir

@@ -23,6 +23,7 @@ from torch import nn
 
 from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
 from anatomy_lightning.models.tiny import TINY_MODEL_NAMES, ensure_tiny_checkpoint
+from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,9 @@ class LoraSettings:
 
     @classmethod
     def coerce(cls, value: Any) -> LoraSettings | None:
-        """The one place a LoRA setting becomes `LoraSettings`, whatever way it arrived: YAML or
-        `--model.lora '{...}'` (LightningCLI passes a dict), `--model.lora.r=8`, a checkpoint's
-        saved hyperparameters, `true` (defaults) or Python."""
-        if value is None or value is False or isinstance(value, cls):
-            return value or None
-        if value is True:
-            return cls()
-        if hasattr(value, "items"):  # dict, omegaconf / jsonargparse namespaces
-            data = dict(value.items())
-            data.pop("class_path", None)
-            data = dict(data.pop("init_args", None) or {}, **data)
-            unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ValueError(f"model.lora: unknown keys {unknown}; valid keys: {sorted(cls.__dataclass_fields__)}")
-            return cls(**data)
-        raise ValueError(f"model.lora must be null, true or a mapping of {sorted(cls.__dataclass_fields__)}, "
-                         f"got {type(value).__name__} {value!r}")
+        """However the setting arrived (YAML, `--model.lora '{...}'`, `--model.lora.r=8`, a
+        checkpoint's hyperparameters, `true`, Python); see `anatomy_lightning.settings`."""
+        return coerce_settings(cls, value, "model.lora")
 
     def to_peft(self, family: ModelFamily) -> Any:
         from peft import LoraConfig

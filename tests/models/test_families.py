@@ -104,3 +104,12 @@ def test_4bit_keeps_the_vision_side_and_lm_head_unquantised(family: str, standin
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and re.search(fam.language_layers, n) for n in trainable)
     assert model.get_output_embeddings().weight.dtype == torch.float32  # lm_head not quantised
+
+
+def test_synthetic_settings_from_python_as_a_dict(tmp_path: Path) -> None:
+    from anatomy_lightning.data.datamodule import SyntheticSettings
+
+    dm = AnatomyVQADataModule(synthetic={"n_train": 4, "n_val": 1, "n_test": 1, "out_dir": str(tmp_path)})
+    assert isinstance(dm.synthetic, SyntheticSettings) and dm.synthetic.n_train == 4
+    with pytest.raises(ValueError, match=r"data.synthetic: unknown keys \['ntrain'\]"):
+        AnatomyVQADataModule(synthetic={"ntrain": 4})
