@@ -25,6 +25,7 @@ from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
 from anatomy_lightning.module import GRPOModule
+from anatomy_lightning.settings_check import check_settings
 
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
 
@@ -88,6 +89,7 @@ class AnatomyCLI(LightningCLI):
         model = config.get("model") if config is not None else None
         if model is None:
             return
+        check_settings(model, config.get("data"))  # every numeric range, all problems in one error
         check_quantization_supported(model.get("quantization"))
         resolve_model_path(model.get("model"))
 
