@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from anatomy_lightning.callbacks.checkpoint import check_checkpoint_file
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
@@ -71,6 +72,7 @@ class AnatomyCLI(LightningCLI):
         """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
         sub = self.config.get("subcommand")
         given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
+        check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)  # damaged file: one line
         super()._parse_ckpt_path()
         for key, value in given.items():
             if value is not None:

@@ -447,9 +447,16 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
             raise Preempted(128 + signum)
         self._signal = signum
+        trainer = self._trainer
+        if trainer is None:
+            doing = "the current step"
+        elif trainer.validating:
+            doing = f"the validation after step {trainer.global_step}"
+        else:
+            doing = f"step {trainer.global_step + 1} (and its validation, if one follows)"
         print(
-            f"{signal.Signals(signum).name} received: finishing step {self._trainer.global_step + 1 if self._trainer else '?'} "
-            "and its validation, then saving and stopping (send it again to stop at once)",
+            f"{signal.Signals(signum).name} received: finishing {doing}, then saving and stopping "
+            "(send it again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
