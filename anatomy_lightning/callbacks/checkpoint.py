@@ -96,6 +96,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path)
         target = os.path.abspath(target.removeprefix("file://"))
         folder, name = os.path.split(target)
+        if os.path.isdir(target):
+            raise CheckpointSaveError(f"cannot save checkpoint {target}: a folder of that name is in the way; move it elsewhere")
         os.makedirs(folder, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
             with contextlib.suppress(OSError):
@@ -194,7 +196,7 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return "is a folder, not a checkpoint file"
+        return "is a folder, not a checkpoint file (move it elsewhere: it also blocks the next save)"
     if not os.path.exists(path):
         return "does not exist"
     size = os.path.getsize(path)
@@ -554,7 +556,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if isinstance(exception, (Preempted, CheckpointSaveError)):
             return ""  # already saved and reported, or saving is what failed
         if not self._training_started:
-            return "training had not started"  # e.g. a failed resume: last.ckpt must stay as it is
+            return ""  # training had not started (e.g. a failed resume): last.ckpt must stay as it is
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         if progress.ready > progress.completed:
             # inside a training batch: the sampler has counted it, the optimizer may have stepped, the
