@@ -70,6 +70,7 @@ __all__ = [
     "Preempted",
     "ResumableCheckpoint",
     "check_checkpoint_file",
+    "check_weights_fit",
     "checkpoint_problem",
     "fingerprint_differences",
     "get_rng_state",
@@ -357,6 +358,40 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
     ]
+
+
+def _describe_model(hparams: Mapping[str, Any]) -> str:
+    lora = hparams.get("lora")
+    lora = _plain(lora) if lora is not None else None
+    shape = f"LoRA r={lora.get('r')}" if isinstance(lora, dict) else "no LoRA"
+    return f"{hparams.get('model')!r} ({shape}, quantization {hparams.get('quantization')})"
+
+
+def check_weights_fit(module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raise a one-line ValueError when the checkpoint's weights do not fit `module`, naming the
+    model the checkpoint was trained for (from its hyperparameters) and the one built now.
+
+    Called before the weights are loaded: otherwise a size mismatch is a long torch traceback, and
+    a checkpoint of a LoRA run loaded into a full model (or the reverse) matches no name and, with
+    non-strict loading, would be evaluated with untrained weights without a word.
+    """
+    saved = checkpoint.get("state_dict") or {}
+    own = module.state_dict()
+    unknown = [k for k in saved if k not in own]
+    wrong = [k for k in saved if k in own and getattr(saved[k], "shape", None) != getattr(own[k], "shape", None)]
+    if not unknown and not wrong:
+        return
+    if wrong:
+        example = f"{wrong[0]} is {tuple(saved[wrong[0]].shape)} in the checkpoint, {tuple(own[wrong[0]].shape)} here"
+    else:
+        example = f"{unknown[0]} is not a weight of this model"
+    trained = _describe_model(checkpoint.get("hyper_parameters") or {})
+    here = _describe_model(dict(getattr(module, "hparams", None) or {}))
+    raise ValueError(
+        f"this checkpoint was trained for model {trained}; this run builds {here}: {len(wrong)} weights differ in "
+        f"shape and {len(unknown)} are unknown here (e.g. {example}); use the checkpoint's model settings or a "
+        "checkpoint of this model"
+    )
 
 
 class Preempted(SystemExit):

@@ -231,3 +231,26 @@ def test_training_onto_a_full_disk_stops_cleanly(small_tmpfs: Path) -> None:
         _fit(small_tmpfs, max_steps=4, ckpt_path="last")
     assert _step(small_tmpfs / "ckpts" / "last.ckpt") == 2
     assert not [f for f in os.listdir(small_tmpfs / "ckpts") if f.endswith(".tmp")]
+
+
+# -- a checkpoint of another model -----------------------------------------------------------------
+def test_a_checkpoint_of_another_model_names_the_model_it_was_trained_for() -> None:
+    from anatomy_lightning.module import GRPOModule
+
+    module = GRPOModule(model="tiny-qwen2.5-vl", dtype="float32", beta=0.0)
+    module.configure_model()
+    own = {k: v for k, v in module.state_dict().items() if k.startswith("policy.")}
+    name = next(k for k, v in own.items() if v.ndim == 2)
+    bigger = {**own, name: torch.zeros(own[name].shape[0] * 4, own[name].shape[1])}
+    other = {"state_dict": bigger, "hyper_parameters": {"model": "small-qwen2.5-vl", "lora": None, "quantization": None}}
+    with pytest.raises(ValueError) as info:
+        module.on_load_checkpoint(other)
+    message = str(info.value)
+    assert message.startswith("this checkpoint was trained for model 'small-qwen2.5-vl' (no LoRA")
+    assert "this run builds 'tiny-qwen2.5-vl'" in message and f"e.g. {name} is " in message and "\n" not in message
+
+    lora = {"state_dict": {"policy.base_model.model.lm_head.lora_A.weight": torch.zeros(16, 128)},
+            "hyper_parameters": {"model": "tiny-qwen2.5-vl", "lora": {"r": 16}, "quantization": None}}
+    with pytest.raises(ValueError, match=r"\(LoRA r=16, .*0 weights differ in shape and 1 are unknown here"):
+        module.on_load_checkpoint(lora)  # non-strict loading would have ignored it and tested untrained weights
+    module.on_load_checkpoint({"state_dict": own})  # its own weights pass
