@@ -98,7 +98,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = os.path.abspath(target.removeprefix("file://"))
         folder, name = os.path.split(target)
         if os.path.isdir(target):
-            raise CheckpointSaveError(f"cannot save checkpoint {target}: a folder of that name is in the way; move it elsewhere")
+            raise CheckpointSaveError(
+                f"cannot save checkpoint {target}: a folder of that name is in the way; move it elsewhere"
+            )
         os.makedirs(folder, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
             with contextlib.suppress(OSError):
@@ -135,7 +137,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
             if not local or isinstance(err, FileNotFoundError):
                 raise
-            raise ValueError(_damaged_message(target.removeprefix("file://"), f"cannot be read ({_one_line(err)})")) from err
+            problem = f"cannot be read ({_one_line(err)})"
+            raise ValueError(_damaged_message(target.removeprefix("file://"), problem)) from err
 
 
 class CheckpointSaveError(RuntimeError):
@@ -338,7 +341,8 @@ def run_fingerprint(datamodule: Any, module: Any) -> dict[str, Any]:
         if key in model:
             value = model[key]
             # a local model folder enters by its name, so the run survives moving it
-            fp[f"model.{key}"] = os.path.basename(os.path.normpath(value)) if key == "model" and os.path.isdir(str(value)) else _plain(value)
+            moved_ok = key == "model" and os.path.isdir(str(value))
+            fp[f"model.{key}"] = os.path.basename(os.path.normpath(value)) if moved_ok else _plain(value)
     if "lora" in model:
         lora = _plain(model["lora"])
         fp["model.lora"] = {k: lora.get(k) for k in _LORA_KEYS} if isinstance(lora, dict) else lora
@@ -416,7 +420,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     Lightning's behaviour.
     """
 
-    def __init__(self, *args: Any, allow_fingerprint_change: bool = False, stop_on_signal: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, allow_fingerprint_change: bool = False, stop_on_signal: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.allow_fingerprint_change, self.stop_on_signal = allow_fingerprint_change, stop_on_signal
         self._rng_to_restore: list[dict[str, Any]] | None = None
@@ -519,7 +525,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_now(trainer)
         self._restore_handlers()
         if trainer.is_global_zero:
-            where = self.last_model_path or self._last_checkpoint_saved or "(no checkpoint: save_last and save_top_k are off)"
+            where = self.last_model_path or self._last_checkpoint_saved or "none (save_last and save_top_k are off)"
             print(
                 f"{signal.Signals(signum).name}: stopped after step {trainer.global_step}; checkpoint {where}. "
                 "To continue, run the same command again with --ckpt_path last",
@@ -635,10 +641,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         raise ValueError(
             f"{where} was written by a different run ({listed}); start a fresh run without --ckpt_path, or, "
-            f"to continue on purpose, set allow_fingerprint_change: true on ResumableCheckpoint (or {FINGERPRINT_ENV}=1)"
+            "to continue on purpose, set allow_fingerprint_change: true on ResumableCheckpoint "
+            f"(or {FINGERPRINT_ENV}=1)"
         )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # restored here, not in load_state_dict: resuming draws from the global streams on its way
         # to the first batch, which the uninterrupted run did not do at this point
         states, self._rng_to_restore = self._rng_to_restore, None

@@ -234,7 +234,9 @@ class SimilarityScorer:
                     shard.unlink()
         if rejected:
             log.warning(
-                "embedding cache %s holds %d non-finite vectors; they are ignored and embedded again", self.cache_path, rejected
+                "embedding cache %s holds %d non-finite vectors; they are ignored and embedded again",
+                self.cache_path,
+                rejected,
             )
         return out
 

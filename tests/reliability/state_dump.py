@@ -116,6 +116,8 @@ class PauseAt(Callback):
         if self.where == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
             self._pause(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.where == "train" and trainer.global_step == self.step - 1:
             self._pause(trainer)

@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 class Settings(Scripted):
     """`Scripted` with the hyperparameters a fingerprint reads."""
 
-    def __init__(self, num_generations: int = 8, model: str = "tiny-qwen2.5-vl", fail_in_validation_at: int | None = None) -> None:
+    def __init__(
+        self, num_generations: int = 8, model: str = "tiny-qwen2.5-vl", fail_in_validation_at: int | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.fail_in_validation_at = fail_in_validation_at
@@ -67,7 +69,10 @@ def _fit(
         callbacks=[checkpoints], default_root_dir=str(root), plugins=[AtomicCheckpointIO()],
     )
     module = module or Settings()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path) if data is not None else trainer.fit(module, ckpt_path=ckpt_path)
+    if data is None:
+        trainer.fit(module, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return checkpoints
 
 
@@ -103,7 +108,9 @@ def _damage(last: Path, how: str) -> None:
     [("empty", "is empty (0 bytes)"), ("truncated", "is truncated"), ("garbage", "is truncated or not a checkpoint"),
      ("folder", "is a folder")],
 )
-def test_a_damaged_last_ckpt_names_the_newest_readable_step_file(six_steps: Path, tmp_path: Path, how: str, said: str) -> None:
+def test_a_damaged_last_ckpt_names_the_newest_readable_step_file(
+    six_steps: Path, tmp_path: Path, how: str, said: str
+) -> None:
     root = tmp_path / "run"
     shutil.copytree(six_steps, root)
     _damage(root / "ckpts" / "last.ckpt", how)
@@ -124,7 +131,9 @@ def test_a_damaged_last_ckpt_names_the_newest_readable_step_file(six_steps: Path
     assert _step(root / "ckpts" / "last.ckpt") == 8
 
 
-def test_a_damaged_checkpoint_given_to_the_cli_is_one_line(six_steps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_checkpoint_given_to_the_cli_is_one_line(
+    six_steps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "ckpts"
     shutil.copytree(six_steps / "ckpts", folder)
     _damage(folder / "last.ckpt", "truncated")
@@ -149,7 +158,9 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_p
 
 
 # -- a checkpoint knows its run ------------------------------------------------------------------
-def test_resuming_another_runs_checkpoint_lists_the_differences(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resuming_another_runs_checkpoint_lists_the_differences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_file = tmp_path / "train.jsonl"
     data_file.write_text('{"id": "a"}\n')
     _fit(tmp_path, max_steps=4, data=Files(str(data_file)))
@@ -205,7 +216,8 @@ def small_tmpfs(tmp_path: Path):
     mount.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
     try:
@@ -217,7 +229,8 @@ def small_tmpfs(tmp_path: Path):
 def test_a_save_on_a_full_disk_says_so_and_keeps_the_previous_checkpoint(small_tmpfs: Path) -> None:
     io, target = AtomicCheckpointIO(), small_tmpfs / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.zeros(10_000)}, target)
-    with pytest.raises(CheckpointSaveError, match=f"no space left on {small_tmpfs} while saving checkpoint {target}; the previous"):
+    said = f"no space left on {small_tmpfs} while saving checkpoint {target}; the previous last.ckpt is kept"
+    with pytest.raises(CheckpointSaveError, match=re.escape(said)):
         io.save_checkpoint({"step": 2, "w": torch.zeros(1_000_000)}, target)  # 4 MB on a 1 MB disk
     assert torch.load(target, weights_only=True)["step"] == 1
     assert sorted(os.listdir(small_tmpfs)) == ["last.ckpt"]  # no temporary left behind
@@ -242,7 +255,8 @@ def test_a_checkpoint_of_another_model_names_the_model_it_was_trained_for() -> N
     own = {k: v for k, v in module.state_dict().items() if k.startswith("policy.")}
     name = next(k for k, v in own.items() if v.ndim == 2)
     bigger = {**own, name: torch.zeros(own[name].shape[0] * 4, own[name].shape[1])}
-    other = {"state_dict": bigger, "hyper_parameters": {"model": "small-qwen2.5-vl", "lora": None, "quantization": None}}
+    trained_for = {"model": "small-qwen2.5-vl", "lora": None, "quantization": None}
+    other = {"state_dict": bigger, "hyper_parameters": trained_for}
     with pytest.raises(ValueError) as info:
         module.on_load_checkpoint(other)
     message = str(info.value)

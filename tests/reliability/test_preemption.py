@@ -71,10 +71,13 @@ def test_sigterm_in_validation_and_sigint_in_training_resume_like_an_uninterrupt
     cmd_full = fit_command(write_override(full, max_steps=MAX_STEPS, val_every=VAL_EVERY, extra_callbacks=PAUSER))
     cmd = fit_command(write_override(run, max_steps=MAX_STEPS, val_every=VAL_EVERY, extra_callbacks=PAUSER))
     with (full / "log.txt").open("w") as out:  # the reference runs alongside the chain (two cores)
-        reference = subprocess.Popen(cmd_full, cwd=full, env=_env(full, cache, "dump"), stdout=out, stderr=subprocess.STDOUT)
+        reference = subprocess.Popen(
+            cmd_full, cwd=full, env=_env(full, cache, "dump"), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         # A: SIGTERM during the validation after step 4
-        code, log_a = _signal_when_paused(cmd, run, _env(run, cache, "dump-a", "validation:4"), run / "log-a.txt", signal.SIGTERM)
+        env_a = _env(run, cache, "dump-a", "validation:4")
+        code, log_a = _signal_when_paused(cmd, run, env_a, run / "log-a.txt", signal.SIGTERM)
         assert code == 143, log_a[-3000:]
         assert "SIGTERM: stopped after step 4" in log_a and "--ckpt_path last" in log_a
         assert "Traceback" not in log_a

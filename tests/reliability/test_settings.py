@@ -16,7 +16,9 @@ BAD = {
         "temperature": 0.0, "beta": -0.1, "epsilon_low": 1.2, "epsilon_high": -0.1, "learning_rate": -1e-4,
         "max_new_tokens": 0, "num_generations": 1, "top_p": 0.0, "lora": {"r": 0, "dropout": 1.0},
     },
-    "data": {"batch_size": 0, "eval_batch_size": 0, "val_fraction": 1.5, "num_stages": 0, "synthetic": {"num_options": 1}},
+    "data": {
+        "batch_size": 0, "eval_batch_size": 0, "val_fraction": 1.5, "num_stages": 0, "synthetic": {"num_options": 1},
+    },
 }
 
 
@@ -72,7 +74,9 @@ def test_the_cli_reports_all_problems_in_one_line_before_loading_a_model(
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and err[0].startswith("error: 8 setting(s) out of range")
-    for part in ("model.temperature = -1", "model.beta = -1", "model.epsilon_low = 1.2", "model.learning_rate = -0.0001",
-                 "model.max_new_tokens = 0", "data.batch_size = 0", "data.eval_batch_size = 0", "data.val_fraction = 1.5"):
+    for part in (
+        "model.temperature = -1", "model.beta = -1", "model.epsilon_low = 1.2", "model.learning_rate = -0.0001",
+        "model.max_new_tokens = 0", "data.batch_size = 0", "data.eval_batch_size = 0", "data.val_fraction = 1.5",
+    ):
         assert part in err[0]
     assert not (tmp_path / "outputs").exists()  # nothing was built or written
