@@ -23,11 +23,13 @@ from typing import Any, NoReturn
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from anatomy_lightning.callbacks.checkpoint import check_checkpoint_file
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
 from anatomy_lightning.module import GRPOModule
+from anatomy_lightning.settings_check import check_settings
 
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
 
@@ -73,6 +75,7 @@ class AnatomyCLI(LightningCLI):
         """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
         sub = self.config.get("subcommand")
         given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
+        check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)  # damaged file: one line
         super()._parse_ckpt_path()
         for key, value in given.items():
             if value is not None:
@@ -91,6 +94,7 @@ class AnatomyCLI(LightningCLI):
         model = config.get("model") if config is not None else None
         if model is None:
             return
+        check_settings(model, config.get("data"))  # every numeric range, all problems in one error
         check_quantization_supported(model.get("quantization"))
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families

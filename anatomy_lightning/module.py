@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from anatomy_lightning.callbacks.checkpoint import check_weights_fit
 from anatomy_lightning.data.images import load_image
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.loss import chunk_weight, group_advantages, grpo_loss
@@ -445,6 +446,7 @@ class GRPOModule(L.LightningModule):
         checkpoint["non_finite_steps"] = self.non_finite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
         self.non_finite_steps = checkpoint.get("non_finite_steps", 0)
 
     def on_train_end(self) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -162,10 +163,39 @@ class GroupDiversityCallback(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"augmenter": self.augmenter.state_dict()}
+        # image paths under the run's folder (the working directory every output path is relative to)
+        # are stored as "<run>/...", so a run folder that was moved or copied still resumes
+        return {"augmenter": _map_images(self.augmenter.state_dict(), _to_run_relative)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.augmenter.load_state_dict(state_dict["augmenter"])
+        self.augmenter.load_state_dict(_map_images(state_dict["augmenter"], _from_run_relative))
+
+
+RUN_PREFIX = "<run>/"
+
+
+def _to_run_relative(path: str) -> str:
+    run = os.getcwd()
+    absolute = os.path.abspath(path)
+    if os.path.commonpath([run, absolute]) == run:
+        return RUN_PREFIX + os.path.relpath(absolute, run).replace(os.sep, "/")
+    return path
+
+
+def _from_run_relative(path: str) -> str:
+    if path.startswith(RUN_PREFIX):
+        return os.path.join(os.getcwd(), *path[len(RUN_PREFIX):].split("/"))
+    return path
+
+
+def _map_images(state: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """The augmenter state with `fn` applied to every queued question's image paths (a new dict)."""
+    queue = []
+    for entry in state.get("queue", []):
+        record = dict(entry["record"])
+        record["images"] = [fn(p) for p in record.get("images", [])]
+        queue.append({**entry, "record": record})
+    return {**state, "queue": queue}
 
 
 def _questions(batch: Any) -> list[Question]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -66,11 +67,19 @@ def _sha(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _model_identity(spec: str, local: bool) -> str:
-    """What the cache is keyed on: name or path, plus the config files' hash for a local folder.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack")
+_WEIGHT_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha1, this process
+_HASH_MEMO = "weight-hashes.json"  # the same memo on disk, in the cache folder, shared by processes
 
-    A re-trained model saved to the same folder gets a new config hash (or weight size) and so a
-    fresh cache, instead of silently reusing vectors from the old weights.
+
+def _model_identity(spec: str, local: bool, cache_dir: Path | None = None) -> str:
+    """What the cache is keyed on: the hub id, or for a local folder its config files and the
+    *content* of its weight files.
+
+    An encoder re-trained into the same folder (same file names, even the same sizes) gets a new
+    key and so a fresh cache, instead of silently reusing vectors of the old weights. Hashing a
+    weight file is done once per (path, size, mtime) and remembered on disk, so a warm run reads
+    no weights.
     """
     if not local:
         return f"hub:{spec}"
@@ -79,11 +88,56 @@ def _model_identity(spec: str, local: bool) -> str:
         f = Path(spec) / name
         if f.is_file():
             h.update(name.encode() + f.read_bytes())
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        f = Path(spec) / name
-        if f.is_file():
-            h.update(f"{name}:{f.stat().st_size}".encode())
+    weights = sorted(p for p in Path(spec).rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    memo = _read_hash_memo(cache_dir)
+    changed = False
+    for f in weights:
+        digest, fresh = _weight_hash(f, memo)
+        changed |= fresh
+        h.update(f"{f.relative_to(spec).as_posix()}:{digest}".encode())
+    if changed:
+        _write_hash_memo(cache_dir, memo)
     return f"local:{spec}:{h.hexdigest()}"
+
+
+def _weight_hash(path: Path, memo: dict[str, list[Any]]) -> tuple[str, bool]:
+    """sha1 of a weight file's bytes, from the memo when size and mtime still match; (hash, newly computed)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _WEIGHT_HASHES:
+        return _WEIGHT_HASHES[key], False
+    remembered = memo.get(key[0])
+    if remembered is not None and remembered[:2] == [stat.st_size, stat.st_mtime_ns]:
+        _WEIGHT_HASHES[key] = str(remembered[2])
+        return _WEIGHT_HASHES[key], False
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    _WEIGHT_HASHES[key] = digest.hexdigest()
+    memo[key[0]] = [stat.st_size, stat.st_mtime_ns, _WEIGHT_HASHES[key]]
+    return _WEIGHT_HASHES[key], True
+
+
+def _read_hash_memo(cache_dir: Path | None) -> dict[str, list[Any]]:
+    if cache_dir is None:
+        return {}
+    try:
+        memo = json.loads((cache_dir / _HASH_MEMO).read_text())
+    except (OSError, ValueError):  # none yet, or damaged: hash again
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _write_hash_memo(cache_dir: Path | None, memo: dict[str, list[Any]]) -> None:
+    if cache_dir is None:
+        return
+    with contextlib.suppress(OSError):  # a read-only cache costs one hash per run, nothing more
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="hashes-", suffix=".tmp", dir=cache_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, cache_dir / _HASH_MEMO)
 
 
 class SimilarityScorer:
@@ -120,7 +174,7 @@ class SimilarityScorer:
                 )
         self.aggregation, self.batch_size, self.device = aggregation, batch_size, device
         self.cache_dir = Path(cache_dir or default_cache_dir())
-        identity = _model_identity(self.encoder, self.local)
+        identity = _model_identity(self.encoder, self.local, self.cache_dir)
         self.cache_path = self.cache_dir / hashlib.sha1(identity.encode()).hexdigest()[:20]  # shards of this model
         self.model_loads = 0  # times this scorer needed the encoder (a warm cache keeps it at 0)
         self._model: Any = None
@@ -165,15 +219,25 @@ class SimilarityScorer:
     def _read_disk(self) -> dict[str, np.ndarray]:
         """Every shard's vectors; an unreadable shard is deleted (its texts are re-embedded and saved)."""
         out: dict[str, np.ndarray] = {}
+        rejected = 0
         for shard in self._shards():
             try:
-                out.update(_read_shard(shard))
+                vectors = _read_shard(shard)
+                finite = {k: v for k, v in vectors.items() if np.isfinite(v).all()}
+                rejected += len(vectors) - len(finite)
+                out.update(finite)
             except FileNotFoundError:  # merged away by another process meanwhile
                 continue
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
                 log.warning("embedding cache %s is unreadable (%s); ignoring it, it will be rewritten", shard, err)
                 with contextlib.suppress(OSError):
                     shard.unlink()
+        if rejected:
+            log.warning(
+                "embedding cache %s holds %d non-finite vectors; they are ignored and embedded again",
+                self.cache_path,
+                rejected,
+            )
         return out
 
     def _write_disk(self, new: dict[str, np.ndarray]) -> None:
@@ -218,6 +282,12 @@ class SimilarityScorer:
             texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
         )
         vecs = np.asarray(vecs, np.float32)
+        bad = [t for t, ok in zip(texts, np.isfinite(vecs).all(axis=1)) if not ok]
+        if bad:  # caching these would make S(q) NaN for every question using the text, in every later run
+            raise ValueError(
+                f"similarity encoder {self.encoder!r} returned non-finite embeddings for {len(bad)} text(s), "
+                f"e.g. {bad[:3]}; the encoder's weights are damaged, or choose another data.similarity_encoder"
+            )
         return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
     # -- S(q) ----------------------------------------------------------------------------------
@@ -243,6 +313,9 @@ class SimilarityScorer:
             idx = np.array([[row[t] for t in questions[i].options] for i in members], np.int64)  # (m, n)
             gold = np.array([questions[i].answer_index for i in members], np.int64)
             out[members] = self._aggregate(_gold_cosines(idx, gold, vectors, gram), gold)
+        if not np.isfinite(out).all():  # cannot happen with finite unit vectors; never hand NaN to the stages
+            bad = [questions[i].id for i in np.flatnonzero(~np.isfinite(out))[:3]]
+            raise ValueError(f"S(q) is not finite for questions {bad}; clear the embedding cache {self.cache_path}")
         for q, s in zip(questions, out.tolist()):
             q.similarity = s
         return out

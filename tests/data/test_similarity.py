@@ -8,6 +8,7 @@ milliseconds; the real default encoder is loaded once per session for the behavi
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,59 @@ def test_stage_assignment_needs_scored_questions_and_a_positive_k() -> None:
         assign_stages([Question("x", "?", ["a", "b"], 0)], 3)
     with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
         assign_stages(_scored([0.1]), 0)
+
+
+# -- cache key and non-finite vectors ------------------------------------------------------------
+def _encoder_folder(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_an_encoder_retrained_into_the_same_folder_gets_a_fresh_cache(fake: FakeEncoder, tmp_path: Path) -> None:
+    folder = _encoder_folder(tmp_path / "encoder", b"old weights")
+    before = SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path
+    assert SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path == before  # stable
+    _encoder_folder(folder, b"new weights")  # same size, other content
+    assert SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path != before
+
+
+def test_weight_hashes_are_remembered_by_size_and_mtime(
+    fake: FakeEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _encoder_folder(tmp_path / "encoder", b"weights one")
+    first = SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path
+    assert (tmp_path / "cache" / "weight-hashes.json").is_file()
+    monkeypatch.setattr(similarity, "_WEIGHT_HASHES", {})  # a new process: only the memo on disk is left
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"weights two")  # same size; with the old mtime put back the memo answers unread
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path == first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a real rewrite moves mtime
+    assert SimilarityScorer(str(folder), cache_dir=str(tmp_path / "cache")).cache_path != first
+
+
+def test_non_finite_cached_vectors_are_rejected_and_embedded_again(fake: FakeEncoder, tmp_path: Path) -> None:
+    scorer = SimilarityScorer(cache_dir=str(tmp_path))
+    expected = scorer.score(_questions([["Liver", "Gut", "Omentum"]]))
+    keys = np.array(sorted(scorer._vectors), dtype="S40")
+    poisoned = np.full((len(keys), fake.dim), np.nan, np.float32)
+    for shard in scorer._shards():
+        shard.unlink()
+    similarity._write_shard(scorer.cache_path, {k.decode(): v for k, v in zip(keys, poisoned)})
+    again = SimilarityScorer(cache_dir=str(tmp_path))
+    scores = again.score(_questions([["Liver", "Gut", "Omentum"]]))
+    assert np.isfinite(scores).all() and scores == pytest.approx(expected)
+    assert again.model_loads == 1  # embedded again instead of trusting the NaN rows
+
+
+def test_an_encoder_that_returns_nan_is_refused_before_anything_is_cached(
+    fake: FakeEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake, "encode", lambda texts, **_: np.full((len(texts), 8), np.nan, np.float32))
+    scorer = SimilarityScorer(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"returned non-finite embeddings for 3 text\(s\)"):
+        scorer.score(_questions([["Liver", "Gut", "Omentum"]]))
+    assert scorer._shards() == []

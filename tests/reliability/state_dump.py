@@ -86,3 +86,38 @@ class NonFiniteLossOnRank(Callback):
 
         nan_loss.__wrapped__ = real  # type: ignore[attr-defined]
         module_py.grpo_loss = nan_loss
+
+
+class PauseAt(Callback):
+    """Holds the run at one point so a test can send it a real signal there: `$PAUSE_AT` is
+    "validation:N" (first batch of the validation after step N) or "train:N" (before training
+    step N runs). It writes `$PAUSE_DIR/paused` and waits (at most 60 s) until a signal has been
+    received; unset, it does nothing."""
+
+    def __init__(self) -> None:
+        where, _, step = os.environ.get("PAUSE_AT", "").partition(":")
+        self.where, self.step = where, int(step or 0)
+        self.done = False
+
+    def _pause(self, trainer: L.Trainer) -> None:
+        if self.done:
+            return
+        self.done = True
+        marker = Path(os.environ["PAUSE_DIR"]) / "paused"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(trainer.global_step))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and getattr(trainer.checkpoint_callback, "_signal", None) is None:
+            time.sleep(0.02)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.where == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
+            self._pause(trainer)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.where == "train" and trainer.global_step == self.step - 1:
+            self._pause(trainer)

@@ -1,0 +1,122 @@
+"""Range checks for every numeric setting, run by the CLI before any data is read or model is built.
+
+Why up front: a nonsense value otherwise surfaces minutes later as a library traceback
+("probability tensor contains inf/nan" for temperature 0), as a misleading message ("no training
+questions" for val_fraction 1.5), or not at all (a negative beta trains without complaint). Every
+problem is collected and reported in one error, each naming the setting and the value found, so a
+config is fixed in one round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["SettingsError", "check_settings", "settings_problems"]
+
+
+class SettingsError(ValueError):
+    """One or more settings are out of range; the message lists all of them."""
+
+
+# (setting, test, what the test demands); a setting that is absent or None is not checked
+_Rule = tuple[str, Callable[[float], bool], str]
+
+_MODEL_RULES: tuple[_Rule, ...] = (
+    ("num_generations", lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)"),
+    ("max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("min_new_tokens", lambda v: v >= 0, "an integer >= 0"),
+    ("eval_max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for max_new_tokens"),
+    ("temperature", lambda v: v > 0, "> 0 (sampling divides the logits by it)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_k", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    ("std_tol", lambda v: v >= 0, ">= 0"),
+    ("beta", lambda v: v >= 0, ">= 0 (0 = no KL term)"),
+    ("epsilon_low", lambda v: 0 <= v < 1, "in [0, 1) (the clip range starts at 1 - epsilon_low)"),
+    ("epsilon_high", lambda v: v >= 0, ">= 0"),
+    ("num_iterations", lambda v: v >= 1, "an integer >= 1"),
+    ("logprob_batch_size", lambda v: v >= 1, "an integer >= 1, or null for all rows at once"),
+    ("learning_rate", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
+    ("min_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
+    ("max_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
+)
+_LORA_RULES: tuple[_Rule, ...] = (
+    ("r", lambda v: v >= 1, "an integer >= 1"),
+    ("alpha", lambda v: v > 0, "> 0"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+)
+_DATA_RULES: tuple[_Rule, ...] = (
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("num_stages", lambda v: v >= 1, "an integer >= 1"),
+    ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1) (the share of train_file held out for validation)"),
+    ("epoch_length", lambda v: v >= 1, "an integer >= 1, or null"),
+    ("max_val_questions", lambda v: v >= 1, "an integer >= 1, or null"),
+)
+_SYNTHETIC_RULES: tuple[_Rule, ...] = (
+    ("n_train", lambda v: v >= 1, "an integer >= 1"),
+    ("n_val", lambda v: v >= 0, "an integer >= 0"),
+    ("n_test", lambda v: v >= 0, "an integer >= 0"),
+    ("image_size", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("grid", lambda v: v >= 1, "an integer >= 1"),
+    ("num_options", lambda v: 2 <= v <= 6, "an integer from 2 to 6"),
+    ("questions_per_scene", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    """A config section (dict, jsonargparse Namespace, dataclass or None) as a plain dict."""
+    if section is None:
+        return {}
+    if isinstance(section, Mapping):
+        return dict(section)
+    if hasattr(section, "as_dict"):  # jsonargparse Namespace
+        return section.as_dict()
+    if hasattr(section, "__dataclass_fields__"):
+        return {name: getattr(section, name) for name in section.__dataclass_fields__}
+    return dict(vars(section))
+
+
+def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], problems: list[str]) -> None:
+    for name, ok, demand in rules:
+        value = section.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{prefix}{name} = {value!r}: must be a number, {demand}")
+        elif not math.isfinite(value) or not ok(value):
+            problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
+
+
+def settings_problems(model: Any = None, data: Any = None) -> list[str]:
+    """Every out-of-range setting of the `model` and `data` sections, as "section.key = value (...)"."""
+    model, data = _as_dict(model), _as_dict(data)
+    problems: list[str] = []
+    _check("model.", model, _MODEL_RULES, problems)
+    lora = model.get("lora")
+    if lora is not None:
+        _check("model.lora.", _as_dict(lora), _LORA_RULES, problems)
+    low, high = model.get("min_new_tokens"), model.get("max_new_tokens")
+    if isinstance(low, int) and isinstance(high, int) and 1 <= high < low:
+        problems.append(f"model.min_new_tokens = {low}: must be <= model.max_new_tokens ({high})")
+    for reward, weight in (model.get("rewards") or {}).items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            problems.append(f"model.rewards.{reward} = {weight!r}: must be a finite number")
+    _check("data.", data, _DATA_RULES, problems)
+    synthetic = data.get("synthetic")
+    if synthetic is not None:
+        _check("data.synthetic.", _as_dict(synthetic), _SYNTHETIC_RULES, problems)
+    return problems
+
+
+def check_settings(model: Any = None, data: Any = None) -> None:
+    """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range."""
+    problems = settings_problems(model, data)
+    if problems:
+        raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))
