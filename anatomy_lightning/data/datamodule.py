@@ -112,12 +112,28 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _collate_train(items: list[tuple[Question, Cursor]]) -> tuple[list[Question], list[Cursor]]:
-    return [q for q, _ in items], [c for _, c in items]
+class QuestionBatch:
+    """A batch of questions (and, in training, their sampler cursors) kept opaque to Lightning.
+
+    Under `bf16-true` / `16-true` precision Lightning's `convert_input` walks every batch to cast
+    float tensors, recursing into lists and dataclasses, and refuses frozen dataclasses such as
+    `Question`: every real-GPU config would crash on its first batch. Our batches hold no tensors
+    (prompts are encoded on the device in the module), so nothing needs casting; the DataModule
+    unwraps the batch in `on_before_batch_transfer`, after that walk.
+    """
+
+    __slots__ = ("questions", "cursors")
+
+    def __init__(self, questions: list[Question], cursors: list[Cursor] | None = None) -> None:
+        self.questions, self.cursors = questions, cursors
 
 
-def _collate_eval(items: list[Question]) -> list[Question]:
-    return list(items)
+def _collate_train(items: list[tuple[Question, Cursor]]) -> QuestionBatch:
+    return QuestionBatch([q for q, _ in items], [c for _, c in items])
+
+
+def _collate_eval(items: list[Question]) -> QuestionBatch:
+    return QuestionBatch(list(items))
 
 
 class AnatomyVQADataModule(L.LightningDataModule):
@@ -339,9 +355,11 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""
-        if not (isinstance(batch, tuple) and len(batch) == 2):
+        if not isinstance(batch, QuestionBatch):
             return batch
-        questions, cursors = batch
+        if batch.cursors is None:  # validation / test
+            return batch.questions
+        questions, cursors = batch.questions, batch.cursors
         if self.sampler is not None:
             for c in cursors:
                 self.sampler.consumed(c)

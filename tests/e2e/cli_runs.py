@@ -17,11 +17,12 @@ CONFIGS = REPO / "configs"
 
 
 def cpu_override(tmp: Path, *, model: str | None, image_size: int = 56, steps: int = 2, data: dict[str, Any] | None = None,
-                 model_extra: dict[str, Any] | None = None, name: str = "cpu.yaml") -> Path:
-    """A config layered over a shipped one: CPU, float32, 2 steps, a few tiny synthetic questions, a
-    reward with spread inside every group (so the adapter really moves), the model optionally swapped."""
+                 model_extra: dict[str, Any] | None = None, name: str = "cpu.yaml", float32: bool = True) -> Path:
+    """A config layered over a shipped one: CPU, 2 steps, a few tiny synthetic questions, a reward
+    with spread inside every group (so the adapter really moves), the model optionally swapped;
+    float32 (exact comparisons) unless `float32=False` keeps the config's own precision and dtype."""
     model_section: dict[str, Any] = {
-        "dtype": "float32", "num_generations": 2, "max_new_tokens": 6, "max_pixels": None,
+        "num_generations": 2, "max_new_tokens": 6, "max_pixels": None,
         "rewards": {"tests.e2e.cli_runs:length_reward": 1.0, "accuracy": 1.0},
         "sample_every_n_steps": 1,
     }
@@ -36,9 +37,12 @@ def cpu_override(tmp: Path, *, model: str | None, image_size: int = 56, steps: i
     }
     data_section = {"batch_size": 2, "eval_batch_size": 4, "max_val_questions": 4,
                     **data_section}
+    trainer = {"accelerator": "cpu", "devices": 1, "max_steps": steps, "val_check_interval": steps,
+               "enable_progress_bar": False}
+    if float32:
+        trainer["precision"], model_section["dtype"] = "32-true", "float32"
     cfg = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": steps,
-                    "val_check_interval": steps, "enable_progress_bar": False},
+        "trainer": trainer,
         "model": model_section,
         "data": data_section,
     }

@@ -1,5 +1,6 @@
 """Every file in `configs/` runs end to end through the real CLI (`fit` 2 steps, then `test` on the
-checkpoint), with only the model, accelerator, precision and data swapped for tiny CPU stand-ins,
+checkpoint), with only the model, accelerator and data swapped for tiny CPU stand-ins (the
+configs' own bf16-true precision runs on CPU too: swapping it once hid a crash on every GPU run),
 so no shipped config can break silently again (a LoRA setting once crashed every CLI run while
 every unit test passed). Model configs keep their own LoRA/QLoRA, optimizer, checkpointing and
 callback sections; data configs are paired with a model config as the README shows and get a tiny
@@ -61,7 +62,8 @@ def test_model_config_fit_then_test(config: str, tmp_path: Path) -> None:
     _quantization_note(config)
     cfg = yaml.safe_load((CONFIGS / config).read_text())
     model = None if cfg["model"]["model"].startswith("tiny-") else "tiny-qwen2.5-vl"
-    configs = [CONFIGS / config, cpu_override(tmp_path, model=model)]
+    # the config's own precision (bf16-true for the GPU configs: CPUs run it too)
+    configs = [CONFIGS / config, cpu_override(tmp_path, model=model, float32=False)]
     if config != "demo.yaml":
         configs.insert(1, CONFIGS / "sgg_vqa.yaml")
     _fit_and_test(configs, tmp_path, lora=cfg["model"].get("lora") is not None)
@@ -79,7 +81,8 @@ def test_data_config_fit_then_test(config: str, tmp_path: Path) -> None:
         "val_fraction": 0.3,
         "synthetic": None,
     }
-    configs = [CONFIGS / MODEL_FOR_DATA, CONFIGS / config, cpu_override(tmp_path, model="tiny-qwen2.5-vl", data=data)]
+    configs = [CONFIGS / MODEL_FOR_DATA, CONFIGS / config,
+               cpu_override(tmp_path, model="tiny-qwen2.5-vl", data=data, float32=False)]
     _fit_and_test(configs, tmp_path, lora=True)
 
 
