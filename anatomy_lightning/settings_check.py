@@ -72,7 +72,7 @@ _SYNTHETIC_RULES: tuple[_Rule, ...] = (
 
 def _as_dict(section: Any) -> dict[str, Any]:
     """A config section (dict, jsonargparse Namespace, dataclass or None) as a plain dict."""
-    if section is None:
+    if section is None or isinstance(section, bool):  # `lora: true` = the defaults, already in range
         return {}
     if isinstance(section, Mapping):
         return dict(section)
