@@ -48,11 +48,12 @@ MODEL_KWARGS: dict[str, Any] = {
 }
 
 
-def tiny_fit(model: str, train_file: Path, root: Path, steps: int = 1, **model_kwargs: Any
-             ) -> tuple[L.Trainer, GRPOModule, AnatomyVQADataModule]:
+def tiny_fit(model: str, train_file: Path, root: Path, steps: int = 1, datamodule: AnatomyVQADataModule | None = None,
+             **model_kwargs: Any) -> tuple[L.Trainer, GRPOModule, AnatomyVQADataModule]:
     """`steps` GRPO steps through `L.Trainer.fit` (CPU, float32, G=2, 6 new tokens, no validation)."""
     module = GRPOModule(model=model, **{**MODEL_KWARGS, **model_kwargs})
-    dm = AnatomyVQADataModule(train_file=str(train_file), val_fraction=0.0, batch_size=2, eval_batch_size=4)
+    dm = datamodule or AnatomyVQADataModule(train_file=str(train_file), val_fraction=0.0, batch_size=2,
+                                            eval_batch_size=4)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(root))
