@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anatomy_lightning.data.images import describe_image_issues, probe_images
 from anatomy_lightning.data.loader import load_questions
+from anatomy_lightning.data.prompts import PROMPTS, attach_dataset_prompts
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
 from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
@@ -130,6 +131,10 @@ class AnatomyVQADataModule(L.LightningDataModule):
             easyr1, omnimedvqa, medvlm_r1, medxpertqa, r1, generic).
         fields: read any other JSON/JSONL file: our field -> their key or dotted path, e.g.
             {question: q.text, options: choices, answer: gold.letter, images: media}; implies generic.
+        prompt: "template" (model.system_prompt / model.prompt_template around the parsed question)
+            or "dataset": each record's own instruction verbatim (Anatomy-R1 `instruction`, R1
+            `problem`, EasyR1 `prompt`, MedXpertQA `question`), to reproduce a paper's setup;
+            rewritten questions and records without one use the template (see `data.prompts`).
         check_images: before training, open every image once (size and mode) and stop on missing,
             empty, undecodable or folder paths, naming their records.
         val_fraction: without val_file, this share of train_file is held out for validation (the
@@ -149,6 +154,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         format: str = "auto",
         fields: dict[str, str] | None = None,
         image_root: str | None = None,
+        prompt: str = "template",
         on_bad_record: str = "error",
         check_images: bool = True,
         synthetic: SyntheticSettings | None = None,
@@ -169,6 +175,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
         super().__init__()
         if synthetic is None and train_file is None and test_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
+        if prompt not in PROMPTS:
+            raise ValueError(f"data.prompt must be one of {list(PROMPTS)}, got {prompt!r}")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if test_split not in (None, "heldout"):
@@ -178,7 +186,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.format, self.fields = format, fields
-        self.image_root, self.on_bad_record = image_root, on_bad_record
+        self.image_root, self.on_bad_record, self.prompt = image_root, on_bad_record, prompt
         self.check_images, self.synthetic = check_images, synthetic
         self.val_fraction, self.num_stages = val_fraction, num_stages
         self.test_split, self.test_fraction = test_split, test_fraction
@@ -215,8 +223,22 @@ class AnatomyVQADataModule(L.LightningDataModule):
             log.warning("%s: %s x%d, e.g. %s", path, reason, n, "; ".join(report.warning_examples[reason][:3]))
         if self.check_images:
             self._preflight_images(path, report.questions, report.unit)
+        if self.prompt == "dataset":
+            self._pin_prompts(path, report.questions, report.format)
         log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
         return report.questions
+
+    def _pin_prompts(self, path: str, questions: list[Question], fmt: str) -> None:
+        missing = attach_dataset_prompts(questions)
+        if missing == len(questions):
+            raise DataError(
+                f"data.prompt: dataset, but {path} ({fmt} format) carries no prompt of its own (formats that do: "
+                "anatomy_r1 `instruction`, r1 and medvlm_r1 `problem`, easyr1 `prompt`, medxpertqa `question`, "
+                "generic metadata.prompt); use data.prompt: template"
+            )
+        if missing:
+            log.warning("%s: %d of %d questions have no prompt of their own and use the template", path, missing,
+                        len(questions))
 
     def _preflight_images(self, path: str, questions: list[Question], unit: str) -> None:
         """Open every image once (size and mode, in a thread pool) before any model work, so a
