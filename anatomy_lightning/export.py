@@ -6,7 +6,9 @@ without this project:
 
 - LoRA with `--merge`: the base reloaded unquantised (a QLoRA base is loaded from its original
   weights, not the 4-bit ones, in the adapter's dtype), the adapter applied and merged
-  (`merge_and_unload`): `AutoModelForImageTextToText.from_pretrained(DIR)`;
+  (`merge_and_unload`): `AutoModelForImageTextToText.from_pretrained(DIR)`. With `--dequantize`
+  a QLoRA adapter is merged into the dequantised nf4 weights it was trained against instead,
+  which reproduces the trained policy's outputs (the original weights differ by the nf4 rounding);
 - LoRA without `--merge`: the adapter alone (peft format, pointing at the base model), which
   `AutoModelForImageTextToText.from_pretrained(DIR)` loads with peft installed, or
   `PeftModel.from_pretrained(base, DIR)`;
@@ -83,8 +85,29 @@ def _trainable_weights(ckpt_path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _dequantised_policy(hp: dict[str, Any], dtype: str) -> tuple[Any, Any]:
+    """The base loaded quantised exactly as training loaded it, dequantised (plain Linear weights
+    holding the nf4 values), with the run's LoRA adapter on top (untrained until the state loads)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from anatomy_lightning.models.families import family_for_type
+    from anatomy_lightning.models.loading import LoraSettings, _quantization_config, resolve_model_path
+
+    path = resolve_model_path(hp["model"])
+    family = family_for_type(AutoConfig.from_pretrained(path).model_type, str(hp["model"]))
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype),
+                              "quantization_config": _quantization_config(hp["quantization"], False, family)}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing
+    base = AutoModelForImageTextToText.from_pretrained(path, **kwargs).dequantize()
+    processor = AutoProcessor.from_pretrained(path)
+    family.set_pixel_bounds(processor, hp.get("min_pixels"), hp.get("max_pixels"))
+    return get_peft_model(base, LoraSettings.coerce(hp["lora"]).to_peft(family)), processor
+
+
 def export(configs: list[str], ckpt_path: str, out: str | os.PathLike[str], merge: bool = False,
-           dtype: str | None = None) -> ExportResult:
+           dtype: str | None = None, dequantize: bool = False) -> ExportResult:
     """Write the checkpoint's policy as a Hugging Face folder `out`; see the module docstring."""
     from anatomy_lightning.models.loading import has_adapter, load_policy
 
@@ -95,10 +118,15 @@ def export(configs: list[str], ckpt_path: str, out: str | os.PathLike[str], merg
     lora = hp.get("lora")
     if lora is None and not merge and hp.get("quantization"):
         raise ValueError("model.quantization is set without model.lora: there is no trained weight to export")
+    if dequantize and not (merge and lora is not None and hp.get("quantization")):
+        raise ValueError("--dequantize applies to --merge of a QLoRA run (model.quantization and model.lora set)")
     # Unquantised on purpose: merging into 4-bit weights would re-quantise the merged sum, and a
     # Hugging Face folder with bitsandbytes weights does not load everywhere.
-    policy, processor = load_policy(hp["model"], dtype=dtype, quantization=None, lora=lora,
-                                    min_pixels=hp.get("min_pixels"), max_pixels=hp.get("max_pixels"))
+    if dequantize:
+        policy, processor = _dequantised_policy(hp, dtype)
+    else:
+        policy, processor = load_policy(hp["model"], dtype=dtype, quantization=None, lora=lora,
+                                        min_pixels=hp.get("min_pixels"), max_pixels=hp.get("max_pixels"))
     base = getattr(policy, "name_or_path", None) or getattr(policy.config, "_name_or_path", hp["model"])
     missing, unexpected = policy.load_state_dict(state, strict=False)
     if unexpected:
@@ -136,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (created; existing files are overwritten)")
     p.add_argument("--merge", action="store_true",
                    help="LoRA: merge the adapter into the (unquantised) base; without it only the adapter is written")
+    p.add_argument("--dequantize", action="store_true",
+                   help="QLoRA with --merge: merge into the dequantised 4-bit weights the adapter was trained "
+                        "against (reproduces the trained policy) instead of the original weights")
     p.add_argument("--dtype", choices=sorted(set(_DTYPE_NAMES.values())), default=None,
                    help="weights dtype of the export (default: that of the trained weights)")
     return p
@@ -148,13 +179,14 @@ def main(argv: list[str] | None = None) -> ExportResult:
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
-        result = export(args.config, args.ckpt_path, args.out, merge=args.merge, dtype=args.dtype)
+        result = export(args.config, args.ckpt_path, args.out, merge=args.merge, dtype=args.dtype,
+                        dequantize=args.dequantize)
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
         if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    how = {"merged": "LoRA merged into the base", "adapter": f"LoRA adapter only (base: {result.base})",
+    how = {"merged": "LoRA merged into the " + ("dequantised 4-bit base" if args.dequantize else "base"), "adapter": f"LoRA adapter only (base: {result.base})",
            "full": "full fine-tune"}[result.kind]
     print(f"exported {how}, {result.dtype}, to {result.out}: "
           f"AutoModelForImageTextToText.from_pretrained({str(result.out)!r}) and AutoProcessor load it")

@@ -4,6 +4,7 @@ the adapter alone, and a full fine-tune."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from anatomy_lightning.export import export
+from anatomy_lightning.models.loading import check_quantization_supported
 from tests.e2e.cli_runs import REPO
 from tests.tiny_vqa import tiny_fit, write_questions
 
@@ -22,19 +24,22 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def trained(standin, tmp_path_factory: pytest.TempPathFactory):
-    """kind ("lora" | "full") -> (trained module, config file, checkpoint), each fitted once."""
+    """kind ("lora" | "qlora" | "full") -> (trained module, config file, checkpoint), each fitted once."""
     cache: dict[str, tuple] = {}
 
     def get(kind: str):
         if kind not in cache:
             tmp = tmp_path_factory.mktemp(f"export_{kind}")
             model = str(standin("qwen2.5-vl"))
-            lora = LORA if kind == "lora" else None
-            trainer, module, _ = tiny_fit(model, write_questions(tmp / "data", 4, images=(1, 2)), tmp, lora=lora)
+            lora = None if kind == "full" else LORA
+            quant = "4bit" if kind == "qlora" else None
+            trainer, module, _ = tiny_fit(model, write_questions(tmp / "data", 4, images=(1, 2)), tmp, lora=lora,
+                                          quantization=quant)
             ckpt = tmp / "last.ckpt"
             trainer.save_checkpoint(ckpt)
             config = tmp / "model.yaml"
-            config.write_text(yaml.safe_dump({"model": {"model": model, "lora": lora, "dtype": "float32"}}))
+            config.write_text(yaml.safe_dump({"model": {"model": model, "lora": lora, "dtype": "float32",
+                                                        "quantization": quant}}))
             cache[kind] = (module, config, ckpt)
         return cache[kind]
 
@@ -78,6 +83,34 @@ def test_export_round_trip_gives_the_trained_logits(trained, tmp_path: Path, kin
     with torch.no_grad():
         inputs = module.encode(module.trainer.datamodule.train_questions[:1])
         assert float((base(**inputs).logits - module.policy(**inputs).logits).abs().max()) > 1e-3
+
+
+def test_qlora_merges_into_the_unquantised_base(trained, tmp_path: Path, capsys) -> None:
+    """A 4-bit QLoRA checkpoint: the base is reloaded from its original (unquantised) weights in the
+    adapter's dtype and the adapter merged there; no bitsandbytes weights in the export."""
+    try:
+        check_quantization_supported("4bit")
+    except RuntimeError as err:
+        pytest.skip(f"bitsandbytes cannot run 4-bit here: {err}")
+    module, config, ckpt = trained("qlora")
+    merged = export([str(config)], str(ckpt), tmp_path / "merged", merge=True)
+    adapter = export([str(config)], str(ckpt), tmp_path / "adapter")
+    assert merged.dtype == "float32"  # prepare_model_for_kbit_training keeps the adapter in float32
+    assert "quantization_config" not in json.loads((merged.out / "config.json").read_text())
+    inputs = module.encode(module.trainer.datamodule.train_questions[:2])
+    with torch.no_grad():
+        got = AutoModelForImageTextToText.from_pretrained(merged.out).eval()(**inputs).logits
+        want = AutoModelForImageTextToText.from_pretrained(adapter.out).eval()(**inputs).logits  # base + peft
+        policy = module.policy.eval()(**inputs).logits
+        deq = export([str(config)], str(ckpt), tmp_path / "dequantised", merge=True, dequantize=True)
+        closer = AutoModelForImageTextToText.from_pretrained(deq.out).eval()(**inputs).logits
+    diff, quant_gap = float((got - want).abs().max()), float((got - policy.float()).abs().max())
+    deq_gap = float((closer - policy.float()).abs().max())
+    with capsys.disabled():
+        print(f"\nexport qlora merged: max abs logit diff vs unquantised base + adapter {diff:.2e}; vs the 4-bit "
+              f"policy {quant_gap:.2e} (nf4 rounding); --dequantize vs the 4-bit policy {deq_gap:.2e}")
+    assert diff < TOL and torch.isfinite(got).all()
+    assert deq_gap < quant_gap / 5  # merged into the weights it was trained against: the trained outputs
 
 
 def _safetensors_keys(path: Path) -> list[str]:
