@@ -69,6 +69,10 @@ def test_checkpointed_split_wins_over_changed_settings(train_file: Path) -> None
     later.load_state_dict(state)  # what Trainer does after setup when given --ckpt_path
     for what in ("train_questions", "val_questions", "test_questions"):
         assert _uids(getattr(later, what)) == _uids(getattr(first, what))
+    resumed = _dm(train_file, seed=5)  # resuming fit without the setting: the hold-out stays out of training
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    assert _uids(resumed.train_questions) == _uids(first.train_questions) and not resumed.test_questions
     # a checkpoint trained without the hold-out has trained on those questions: refuse
     no_test = _dm(train_file)
     no_test.setup("fit")

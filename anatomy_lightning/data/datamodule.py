@@ -308,7 +308,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         order = list(range(len(pool)))
         random.Random(self.seed).shuffle(order)
         n_val = max(1, int(len(order) * self.val_fraction)) if not self.val_file and self.val_fraction > 0 else 0
-        heldout = self.test_split == "heldout" and not self.test_file
+        heldout = self._scores_heldout()
         n_test = max(1, int(len(order) * self.test_fraction)) if heldout else 0
         if pool and n_val + n_test >= len(pool):
             raise DataError(
@@ -318,6 +318,9 @@ class AnatomyVQADataModule(L.LightningDataModule):
         val, test = sorted(order[:n_val]), sorted(order[n_val:n_val + n_test])  # uids in file order
         return {"val": [pool[i].uid for i in val] if n_val else None,
                 "test": [pool[i].uid for i in test] if heldout else None}
+
+    def _scores_heldout(self) -> bool:
+        return self.test_split == "heldout" and not self.test_file and self.synthetic is None
 
     def _apply_split(self) -> None:
         """train / val / held-out test questions from `self._pool` and the uids in `self.split`."""
@@ -336,7 +339,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_questions = [q for q in self._pool if q.uid not in val and q.uid not in test]
         if self.split["val"] is not None:
             self.val_questions = [q for q in self._pool if q.uid in val]
-        if self.split["test"] is not None:
+        if self.split["test"] is not None and self._scores_heldout():
             self.test_questions = [q for q in self._pool if q.uid in test]
         if self.max_val_questions:
             self.val_questions = self.val_questions[: self.max_val_questions]
@@ -344,7 +347,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
     def describe_test_split(self) -> str:
         """One line for `test`'s banner: which questions it scores, and how many."""
         n = len(self.test_questions)
-        if self.synthetic is None and not self.test_file and self.split["test"] is not None:
+        if self.synthetic is None and self._scores_heldout() and self.split["test"] is not None:
             n_val = len(self.split["val"] or self.val_questions)
             return (f"the held-out split of {self.train_file} ({n} of {len(self._pool)} questions, disjoint from "
                     f"train ({len(self.train_questions)}) and validation ({n_val}))")
@@ -476,7 +479,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         """Re-split train_file as the checkpoint's run did (setup runs before the checkpoint is read)."""
         if not self._pool:
             return
-        heldout = self.test_split == "heldout" and not self.test_file
+        heldout = self._scores_heldout()
         if not recorded:
             log.warning("the checkpoint records no data split (written by an older version): the split is "
                         "recomputed from data.seed and the fractions")
@@ -488,12 +491,12 @@ class AnatomyVQADataModule(L.LightningDataModule):
             )
         if split is None:
             return
-        restored = {"val": None if self.val_file else split.get("val"), "test": split.get("test") if heldout else None}
+        # a test hold-out stays out of training even if this run does not score it (resuming a fit)
+        restored = {"val": None if self.val_file else split.get("val"), "test": split.get("test")}
         if restored != self.split:
             log.info("data: using the validation/test split recorded in the checkpoint")
             self.split = restored
             self.val_questions = [] if restored["val"] is None and not self.val_file else self.val_questions
-            self.test_questions = [] if restored["test"] is None and not self.test_file else self.test_questions
             self._apply_split()
             self._assign_stages()
             if self.sampler is not None:  # a sampler over the old training list is stale
