@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from anatomy_lightning.export import export
 from anatomy_lightning.models.loading import check_quantization_supported
+from anatomy_lightning.models.standins import standin_image_size
 from tests.e2e.cli_runs import REPO
 from tests.tiny_vqa import tiny_fit, write_questions
 
@@ -24,17 +25,18 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def trained(standin, tmp_path_factory: pytest.TempPathFactory):
-    """kind ("lora" | "qlora" | "full") -> (trained module, config file, checkpoint), each fitted once."""
+    """kind ("lora" | "qlora" | "full" | "gemma3": LoRA on a generic-path family) -> (trained module, config file, checkpoint), each fitted once."""
     cache: dict[str, tuple] = {}
 
     def get(kind: str):
         if kind not in cache:
             tmp = tmp_path_factory.mktemp(f"export_{kind}")
-            model = str(standin("qwen2.5-vl"))
+            family = "gemma3" if kind == "gemma3" else "qwen2.5-vl"
+            model = str(standin(family))
             lora = None if kind == "full" else LORA
             quant = "4bit" if kind == "qlora" else None
-            trainer, module, _ = tiny_fit(model, write_questions(tmp / "data", 4, images=(1, 2)), tmp, lora=lora,
-                                          quantization=quant)
+            data = write_questions(tmp / "data", 4, images=(1, 2), image_size=standin_image_size(family))
+            trainer, module, _ = tiny_fit(model, data, tmp, lora=lora, quantization=quant)
             ckpt = tmp / "last.ckpt"
             trainer.save_checkpoint(ckpt)
             config = tmp / "model.yaml"
@@ -63,20 +65,21 @@ def _max_logit_diff(module, folder: Path) -> float:
     ("lora", True, {"config.json", "model.safetensors"}),
     ("lora", False, {"adapter_config.json", "adapter_model.safetensors"}),
     ("full", False, {"config.json", "model.safetensors"}),
+    ("gemma3", True, {"config.json", "model.safetensors"}),
 ])
 def test_export_round_trip_gives_the_trained_logits(trained, tmp_path: Path, kind: str, merge: bool,
                                                     files: set[str], capsys) -> None:
     module, config, ckpt = trained(kind)
     out = tmp_path / "export"
     result = export([str(config)], str(ckpt), out, merge=merge)
-    assert result.kind == {"lora": "merged" if merge else "adapter", "full": "full"}[kind]
+    assert result.kind == ("full" if kind == "full" else "merged" if merge else "adapter")
     written = {p.name for p in out.iterdir()}
     assert files <= written and written & {"preprocessor_config.json", "processor_config.json"}, written
     if merge:
         assert not any("lora" in k for k in _safetensors_keys(out / "model.safetensors"))
     diff = _max_logit_diff(module, out)
     with capsys.disabled():
-        print(f"\nexport {result.kind}: max abs logit diff vs trained policy {diff:.2e}")
+        print(f"\nexport {kind} -> {result.kind}: max abs logit diff vs trained policy {diff:.2e}")
     assert diff < TOL
     # the export is not the base model: training moved the weights the export carries
     base = AutoModelForImageTextToText.from_pretrained(module.hparams.model, dtype=torch.float32).eval()
