@@ -1,6 +1,17 @@
-"""Entry point: only builds the CLI (everything else is importable and testable)."""
+"""Entry point: builds the CLI (everything else is importable and testable).
 
-from anatomy_lightning.cli import main
+`export` is not a Trainer method, so it is its own small command (`anatomy_lightning.export`);
+every other subcommand goes to the `LightningCLI`.
+"""
+
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["export"]:
+        from anatomy_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
+    else:
+        from anatomy_lightning.cli import main
+
+        main()

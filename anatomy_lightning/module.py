@@ -360,7 +360,9 @@ class GRPOModule(L.LightningModule):
             rows.append(
                 {
                     "id": q.id,
+                    "uid": q.uid,
                     "question": q.question,
+                    "images": list(q.images),  # every image the prompt showed, in order
                     "options": q.options,
                     "gold": q.answer_letter,
                     "prediction": None if pred is None else "ABCDEF"[pred],
@@ -399,6 +401,20 @@ class GRPOModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._eval_rows = []
+        if self.global_rank == 0:
+            print(self._test_banner())
+
+    def _test_banner(self) -> str:
+        """issue-export: one line naming the split `test` scores and the weights it scores."""
+        dm = getattr(self.trainer, "datamodule", None)
+        split = dm.describe_test_split() if hasattr(dm, "describe_test_split") else "the test questions"
+        if self.trainer.ckpt_path:
+            weights = f"checkpoint {self.trainer.ckpt_path}"
+        elif self.global_step > 0:
+            weights = f"the policy in memory after {self.global_step} steps"
+        else:
+            weights = f"the base model {self.hparams.model} (zero-shot: no --ckpt_path)"
+        return f"test: scoring {split} | model: {weights}"
 
     def on_test_epoch_end(self) -> None:
         rows = self._eval_rows

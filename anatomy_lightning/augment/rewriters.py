@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from anatomy_lightning.data.prompts import PIN_KEY
 from anatomy_lightning.data.schema import LETTERS, Question
 
 __all__ = [
@@ -67,6 +68,7 @@ def derive(
     """
     root = str(orig.metadata.get("augmented_from", orig.id))
     meta = {**orig.metadata, **(metadata or {}), "augmented_from": root, "rewriter": rewriter, "augmented": True}
+    meta.pop(PIN_KEY, None)  # the dataset's prompt shows the original question: a rewrite uses the template
     return Question(
         id=f"{root}#aug{k}-{rewriter}",
         question=orig.question if question is None else question,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anatomy_lightning.data.images import describe_image_issues, probe_images
 from anatomy_lightning.data.loader import load_questions
+from anatomy_lightning.data.prompts import PROMPTS, attach_dataset_prompts
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
 from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
@@ -147,8 +148,19 @@ class AnatomyVQADataModule(L.LightningDataModule):
             easyr1, omnimedvqa, medvlm_r1, medxpertqa, r1, generic).
         fields: read any other JSON/JSONL file: our field -> their key or dotted path, e.g.
             {question: q.text, options: choices, answer: gold.letter, images: media}; implies generic.
+        prompt: "template" (model.system_prompt / model.prompt_template around the parsed question)
+            or "dataset": each record's own instruction verbatim (Anatomy-R1 `instruction`, R1
+            `problem`, EasyR1 `prompt`, MedXpertQA `question`), to reproduce a paper's setup;
+            rewritten questions and records without one use the template (see `data.prompts`).
         check_images: before training, open every image once (size and mode) and stop on missing,
             empty, undecodable or folder paths, naming their records.
+        val_fraction: without val_file, this share of train_file is held out for validation (the
+            curriculum promotes on it); the held-out uids are recorded in checkpoints.
+        test_split: what `test` scores when there is no test_file. None: nothing, `test` refuses
+            (the validation questions steer the curriculum, so they are not a test set). "heldout":
+            a `test_fraction` share of train_file that neither training nor validation sees; set it
+            for `fit` too (the uids are recorded in the checkpoint, and `test` on a checkpoint
+            trained without it refuses). A test_file or synthetic data has its own test split.
     """
 
     def __init__(
@@ -159,10 +171,13 @@ class AnatomyVQADataModule(L.LightningDataModule):
         format: str = "auto",
         fields: dict[str, str] | None = None,
         image_root: str | None = None,
+        prompt: str = "template",
         on_bad_record: str = "error",
         check_images: bool = True,
         synthetic: SyntheticSettings | None = None,
         val_fraction: float = 0.1,
+        test_split: str | None = None,
+        test_fraction: float = 0.1,
         num_stages: int = 3,
         similarity_encoder: str | None = None,
         similarity_aggregation: str = "mean",
@@ -177,15 +192,22 @@ class AnatomyVQADataModule(L.LightningDataModule):
         super().__init__()
         if synthetic is None and train_file is None and test_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
+        if prompt not in PROMPTS:
+            raise ValueError(f"data.prompt must be one of {list(PROMPTS)}, got {prompt!r}")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if test_split not in (None, "heldout"):
+            raise ValueError(f"data.test_split must be null (test needs data.test_file) or 'heldout', got {test_split!r}")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"data.test_fraction must be between 0 and 1, got {test_fraction}")
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.format, self.fields = format, fields
-        self.image_root, self.on_bad_record = image_root, on_bad_record
+        self.image_root, self.on_bad_record, self.prompt = image_root, on_bad_record, prompt
         self.check_images = check_images
         self.synthetic = coerce_settings(SyntheticSettings, synthetic, "data.synthetic")  # a dict from Python or the CLI
         self.val_fraction, self.num_stages = val_fraction, num_stages
+        self.test_split, self.test_fraction = test_split, test_fraction
         self.similarity_encoder, self.similarity_aggregation = similarity_encoder, similarity_aggregation
         self.embedding_cache_dir = embedding_cache_dir
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -198,6 +220,9 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.sampler: StageSampler | None = None
         self.augmenter: Augmenter | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._pool: list[Question] = []  # train_file's questions in file order, before any hold-out
+        self.split: dict[str, list[str] | None] = {"val": None, "test": None}  # held-out uids (fractions only)
+        self.test_source = ""  # what `test` scores, for its banner
         self._prepared = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -216,8 +241,22 @@ class AnatomyVQADataModule(L.LightningDataModule):
             log.warning("%s: %s x%d, e.g. %s", path, reason, n, "; ".join(report.warning_examples[reason][:3]))
         if self.check_images:
             self._preflight_images(path, report.questions, report.unit)
+        if self.prompt == "dataset":
+            self._pin_prompts(path, report.questions, report.format)
         log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
         return report.questions
+
+    def _pin_prompts(self, path: str, questions: list[Question], fmt: str) -> None:
+        missing = attach_dataset_prompts(questions)
+        if missing == len(questions):
+            raise DataError(
+                f"data.prompt: dataset, but {path} ({fmt} format) carries no prompt of its own (formats that do: "
+                "anatomy_r1 `instruction`, r1 and medvlm_r1 `problem`, easyr1 `prompt`, medxpertqa `question`, "
+                "generic metadata.prompt); use data.prompt: template"
+            )
+        if missing:
+            log.warning("%s: %d of %d questions have no prompt of their own and use the template", path, missing,
+                        len(questions))
 
     def _preflight_images(self, path: str, questions: list[Question], unit: str) -> None:
         """Open every image once (size and mode, in a thread pool) before any model work, so a
@@ -244,33 +283,93 @@ class AnatomyVQADataModule(L.LightningDataModule):
             self._synthetic_files()
 
     def setup(self, stage: str | None = None) -> None:
-        if self._prepared:
-            return
+        if not self._prepared:
+            self._setup()
+            self._prepared = True
+        if stage == "test" and not self.test_questions:
+            raise DataError(
+                "test: data.test_file is not set, and the validation questions are not a test set (the curriculum "
+                "promotes on them); set data.test_file, or data.test_split: heldout (with data.test_fraction) to "
+                "score a part of data.train_file that neither training nor validation sees (set it for fit too)"
+            )
+
+    def _setup(self) -> None:
         if self.synthetic is not None:
             files = self._synthetic_files()
             root = str(files["train"].parent)
             self.train_questions = self._load(str(files["train"]), root)
             self.val_questions = self._load(str(files["val"]), root)
             self.test_questions = self._load(str(files["test"]), root)
+            self.test_source = f"the synthetic test split {files['test']}"
+            if self.test_split:
+                log.info("data.test_split is ignored: synthetic data has its own test split")
         else:
             if self.train_file:
-                self.train_questions = self._load(self.train_file, self.image_root)
+                self._pool = self._load(self.train_file, self.image_root)
+                self.split = self._hold_out(self._pool)
             if self.val_file:
                 self.val_questions = self._load(self.val_file, self.image_root)
-            elif self.train_questions and self.val_fraction > 0:
-                rng = random.Random(self.seed)
-                order = list(range(len(self.train_questions)))
-                rng.shuffle(order)
-                n_val = max(1, int(len(order) * self.val_fraction))
-                held = set(order[:n_val])
-                self.val_questions = [q for i, q in enumerate(self.train_questions) if i in held]
-                self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in held]
             if self.test_file:
                 self.test_questions = self._load(self.test_file, self.image_root)
+                self.test_source = f"test file {self.test_file}"
+                if self.test_split:
+                    log.warning("data.test_split: %s is ignored: data.test_file %s is set", self.test_split,
+                                self.test_file)
+            self._apply_split()
+        self._score()
+
+    # -- held-out splits -----------------------------------------------------------------------
+    def _hold_out(self, pool: list[Question]) -> dict[str, list[str] | None]:
+        """uids of the validation (val_fraction, without val_file) and held-out test (test_split
+        heldout, without test_file) shares of train_file: one seeded shuffle, validation first,
+        so turning the test hold-out on leaves the validation split as it was."""
+        order = list(range(len(pool)))
+        random.Random(self.seed).shuffle(order)
+        n_val = max(1, int(len(order) * self.val_fraction)) if not self.val_file and self.val_fraction > 0 else 0
+        heldout = self._scores_heldout()
+        n_test = max(1, int(len(order) * self.test_fraction)) if heldout else 0
+        if pool and n_val + n_test >= len(pool):
+            raise DataError(
+                f"data: {self.train_file} has {len(pool)} questions; holding out {n_val} for validation and {n_test} "
+                "for test leaves none to train on; lower data.val_fraction / data.test_fraction or give data.val_file"
+            )
+        val, test = sorted(order[:n_val]), sorted(order[n_val:n_val + n_test])  # uids in file order
+        return {"val": [pool[i].uid for i in val] if n_val else None,
+                "test": [pool[i].uid for i in test] if heldout else None}
+
+    def _scores_heldout(self) -> bool:
+        return self.test_split == "heldout" and not self.test_file and self.synthetic is None
+
+    def _apply_split(self) -> None:
+        """train / val / held-out test questions from `self._pool` and the uids in `self.split`."""
+        if not self._pool:
+            return
+        known = {q.uid for q in self._pool}
+        for what, uids in self.split.items():
+            lost = [u for u in uids or [] if u not in known]
+            if lost:
+                raise DataError(
+                    f"data: the checkpoint's {what} split holds {len(lost)} questions that are not in "
+                    f"data.train_file {self.train_file} (e.g. {lost[:3]}); the file changed since training: pass the "
+                    f"file the checkpoint was trained on, or give data.{what}_file"
+                )
+        val, test = set(self.split["val"] or ()), set(self.split["test"] or ())
+        self.train_questions = [q for q in self._pool if q.uid not in val and q.uid not in test]
+        if self.split["val"] is not None:
+            self.val_questions = [q for q in self._pool if q.uid in val]
+        if self.split["test"] is not None and self._scores_heldout():
+            self.test_questions = [q for q in self._pool if q.uid in test]
         if self.max_val_questions:
             self.val_questions = self.val_questions[: self.max_val_questions]
-        self._score()
-        self._prepared = True
+
+    def describe_test_split(self) -> str:
+        """One line for `test`'s banner: which questions it scores, and how many."""
+        n = len(self.test_questions)
+        if self.synthetic is None and self._scores_heldout() and self.split["test"] is not None:
+            n_val = len(self.split["val"] or self.val_questions)
+            return (f"the held-out split of {self.train_file} ({n} of {len(self._pool)} questions, disjoint from "
+                    f"train ({len(self.train_questions)}) and validation ({n_val}))")
+        return f"{self.test_source or 'the test questions'} ({n} questions)"
 
     def _score(self) -> None:
         everything = self.train_questions + self.val_questions + self.test_questions
@@ -280,6 +379,11 @@ class AnatomyVQADataModule(L.LightningDataModule):
             self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
         )
         scorer.score(everything)
+        self._assign_stages()
+
+    def _assign_stages(self) -> None:
+        """Stages from the training set's S(q) quantiles (every question is scored already)."""
+        everything = self.train_questions + self.val_questions + self.test_questions
         reference = self.train_questions or everything
         self.stage_thresholds = assign_stages(reference, self.num_stages)
         in_reference = {id(q) for q in reference}
@@ -351,7 +455,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self._eval_loader(self.val_questions, "validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_questions or self.val_questions, "test")
+        return self._eval_loader(self.test_questions, "test")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""
@@ -374,9 +478,14 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_state}
+        return {
+            "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_state,
+            # held-out uids: a resumed run or a later `test` uses the questions this run held out
+            "split": {"train_file": self.train_file, **self.split} if self._pool else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore_split(state.get("split"), "split" in state)
         sampler_state = state.get("sampler")
         if sampler_state is None:
             return
@@ -384,6 +493,34 @@ class AnatomyVQADataModule(L.LightningDataModule):
             self.sampler.load_state_dict(sampler_state)
         else:
             self._pending_state = sampler_state
+
+
+    def _restore_split(self, split: dict[str, Any] | None, recorded: bool) -> None:
+        """Re-split train_file as the checkpoint's run did (setup runs before the checkpoint is read)."""
+        if not self._pool:
+            return
+        heldout = self._scores_heldout()
+        if not recorded:
+            log.warning("the checkpoint records no data split (written by an older version): the split is "
+                        "recomputed from data.seed and the fractions")
+            return
+        if heldout and (split is None or split.get("test") is None):
+            raise DataError(
+                "data.test_split is heldout, but the checkpoint was trained without it, so its run trained on "
+                f"every question of {self.train_file} outside validation; set data.test_file to a file it never saw"
+            )
+        if split is None:
+            return
+        # a test hold-out stays out of training even if this run does not score it (resuming a fit)
+        restored = {"val": None if self.val_file else split.get("val"), "test": split.get("test")}
+        if restored != self.split:
+            log.info("data: using the validation/test split recorded in the checkpoint")
+            self.split = restored
+            self.val_questions = [] if restored["val"] is None and not self.val_file else self.val_questions
+            self._apply_split()
+            self._assign_stages()
+            if self.sampler is not None:  # a sampler over the old training list is stale
+                self.sampler = None
 
 
 def stage_of(similarity: float, thresholds: Sequence[float]) -> int:

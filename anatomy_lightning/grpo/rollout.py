@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from anatomy_lightning.data.prompts import dataset_prompt
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.loss import token_logprobs
 from anatomy_lightning.models.families import ModelFamily, family_of
@@ -56,8 +57,13 @@ def render_prompt(q: Question, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
 
 
 def build_messages(q: Question, system_prompt: str, template: str) -> list[dict[str, Any]]:
+    """One image entry per image of the question (in order), then the text. A question pinned to
+    its dataset's own prompt (`data.prompt: dataset`) shows that text, without our system turn."""
+    own = dataset_prompt(q)
+    if own is not None:
+        system_prompt = ""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in q.images]
-    content.append({"type": "text", "text": render_prompt(q, template)})
+    content.append({"type": "text", "text": render_prompt(q, template) if own is None else own})
     messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})

@@ -69,7 +69,8 @@ def load_error(path: Path, **kw: Any) -> str:
 
 
 def test_anatomy_r1_stem_excludes_system_text_and_options(tmp_path: Path):
-    path = write_json(tmp_path, [anatomy_record(sft_prompt="<image>sft text")], "sgg.json")
+    rec = anatomy_record(sft_prompt="<image>sft text")
+    path = write_json(tmp_path, [rec], "sgg.json")
     report = load_questions(path, check_images=False)
     assert report.format == "anatomy_r1" and report.records == 1 and report.skipped == 0
     q = report.questions[0]
@@ -79,7 +80,7 @@ def test_anatomy_r1_stem_excludes_system_text_and_options(tmp_path: Path):
     assert q.images == ["/CholecT45/data/VID35/002056.png"]  # stray leading space stripped
     assert q.id == "sgg:0"
     assert q.metadata == {"sft_prompt": "<image>sft text", "source": str(path), "record": 0,
-                          "anatomy": "Abdominal Wall Cavity"}
+                          "anatomy": "Abdominal Wall Cavity", "prompt": rec["instruction"]}  # data.prompt: dataset
 
 
 def test_anatomy_r1_plain_options_header_image_list_and_sft_instruction(tmp_path: Path):

@@ -37,4 +37,5 @@ def parse(rec: dict[str, Any], ctx: Context) -> Parsed:
     else:
         raise RecordProblem(MISSING, "solution", "is missing (and so is answer); give the answer letter")
     extra = extra_fields(rec, {"instruction", "solution", "answer", "images", "image", "id"})
+    extra["prompt"] = rec["instruction"]  # the dataset's own prompt (`data.prompt: dataset`)
     return Parsed(stem, options, idx, record_images(rec, ctx), extra, record_id(rec, "id"), "instruction")

@@ -32,5 +32,7 @@ def parse(rec: dict[str, Any], ctx: Context) -> Parsed:
             "fix one of them",
         )
     extra = extra_fields(rec, {"problem", "solution", "question", "options", "answer", "image", "images", "id"})
+    if isinstance(rec.get("problem"), str):
+        extra["prompt"] = rec["problem"]  # the dataset's own prompt (`data.prompt: dataset`)
     return Parsed(question, options, idx, record_images(rec, ctx), extra, record_id(rec, "id", "question_id"),
                   "options")

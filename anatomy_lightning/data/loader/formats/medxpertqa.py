@@ -49,5 +49,6 @@ def parse(rec: dict[str, Any], ctx: Context) -> Parsed:
                             f"gives {len(label)} answers {label}; only single-answer questions are supported")
     idx = resolve_answer(label, options, "label")
     extra = extra_fields(rec, {"question", "options", "label", "images", "image", "id"})
+    extra["prompt"] = rec["question"]  # the question with its answer choices: the dataset's own prompt
     return Parsed(prompt_stem(text_field(rec, "question"), "question"), options, idx, record_images(rec, ctx),
                   extra, record_id(rec, "id"), "options")

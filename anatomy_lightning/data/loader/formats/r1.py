@@ -25,5 +25,6 @@ def parse(rec: dict[str, Any], ctx: Context) -> Parsed:
     extra = extra_fields(rec, {"problem", "solution", "image", "images", "id"})
     if trailing:
         extra["prompt_suffix"] = trailing
+    extra["prompt"] = rec["problem"]  # the dataset's own prompt (`data.prompt: dataset`)
     return Parsed(stem(question, "problem"), options, idx, record_images(rec, ctx), extra,
                   record_id(rec, "id", "question_id"), "problem")
