@@ -76,7 +76,7 @@ def run_one(family: str, workdir: Path, new_tokens: int, G: int, image_size: int
         "family": family, "params_b": round(n_params / 1e9, 3), "lora_params_m": round(n_train / 1e6, 2),
         "image_tokens": image_tokens, "G": G, "new_tokens": new_tokens,
         "build_s": round(t_build, 1), "load_s": round(t_load, 1), "step_s": round(timer.seconds, 1),
-        "loss": timer.loss, "peak_rss_gb": round(_peak_rss_gb(), 2), "threads": torch.get_num_threads(),
+        **(timer.loss or {}), "peak_rss_gb": round(_peak_rss_gb(), 2), "threads": torch.get_num_threads(),
     }
 
 
@@ -91,8 +91,8 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.seconds = time.perf_counter() - self._t
-        loss = trainer.callback_metrics.get("train/loss")
-        self.loss = None if loss is None else round(float(loss), 5)
+        metrics = trainer.callback_metrics  # the first step's loss is ~0 (ratio 1, zero-mean advantages):
+        self.loss = {k: round(float(metrics[f"train/{k}"]), 5) for k in ("loss", "grad_norm") if f"train/{k}" in metrics}
 
 
 def spread_reward(completions: list[str], questions: list, **kwargs) -> list[float]:

@@ -250,7 +250,7 @@ def check_checkpoint_file(path: str | os.PathLike[str] | None) -> None:
         return
     problem = checkpoint_problem(path)
     if problem == "does not exist":
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
     if problem is not None:
         raise ValueError(_damaged_message(os.fspath(path), problem))
 
