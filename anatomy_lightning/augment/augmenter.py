@@ -159,8 +159,8 @@ class GroupDiversityAugmenter:
 
         self.rng = random.Random(seed)
         self.queue: deque[Question] = deque()
-        self.rounds: dict[str, int] = {}  # original id -> times rewritten
-        self.made: dict[str, int] = {}  # original id -> rewrites made (numbers the ids)
+        self.rounds: dict[str, int] = {}  # original uid -> times rewritten
+        self.made: dict[str, int] = {}  # original uid -> rewrites made (numbers the ids)
         self.counters = dict.fromkeys(("observed", "hard", "enqueued", "taken", "dropped"), 0)
         self.last_enqueued = 0
 
@@ -184,9 +184,10 @@ class GroupDiversityAugmenter:
             if not is_hard or q.metadata.get("augmented"):
                 continue
             self.counters["hard"] += 1
-            if self.rounds.get(q.id, 0) >= self.max_rounds:
+            # budgets keyed on uid: two questions that share an id in the file keep their own budget
+            if self.rounds.get(q.uid, 0) >= self.max_rounds:
                 continue
-            self.rounds[q.id] = self.rounds.get(q.id, 0) + 1
+            self.rounds[q.uid] = self.rounds.get(q.uid, 0) + 1
             enqueued += self._rewrites(q, step)
         for r in enqueued:
             self._push(r)
@@ -203,13 +204,13 @@ class GroupDiversityAugmenter:
             picked = select_diverse(candidates, self.num_rewrites, self.embed, self.lambda_, reference=q)
         out = []
         for r in picked:
-            n = self.made.get(q.id, 0)
-            self.made[q.id] = n + 1
+            n = self.made.get(q.uid, 0)
+            self.made[q.uid] = n + 1
             tag = f"resample{n}" if self.dynamic_sampling else f"aug{n}-{r.metadata['rewriter']}"
             meta = {**r.metadata, "augmented_at_step": step}
             if self.temperature is not None:
                 meta["temperature"] = self.temperature
-            out.append(r.replace(id=f"{q.id}#{tag}", metadata=meta))
+            out.append(r.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta))
         return out
 
     def _push(self, q: Question) -> None:
@@ -259,6 +260,7 @@ class GroupDiversityAugmenter:
             "queue": [
                 {
                     "record": q.to_record(),
+                    "uid": q.uid,
                     "stage": q.stage,
                     "similarity": q.similarity,
                     "hidden_metadata": {k: q.metadata[k] for k in _HIDDEN_METADATA if k in q.metadata},
@@ -293,6 +295,7 @@ def _question_from_state(entry: Mapping[str, Any]) -> Question:
         )
     return Question(
         id=rec["id"],
+        uid=entry.get("uid", rec["id"]),
         question=rec["question"],
         options=list(rec["options"]),
         answer_index=LETTERS.index(answer),

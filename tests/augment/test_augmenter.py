@@ -318,3 +318,19 @@ def test_augmenter_is_deterministic_for_a_seed():
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_questions_sharing_an_id_keep_their_own_budget_and_queue_state_keeps_uids():
+    """A file that repeats an id gives unique uids ("x", "x#dup1"): each has its own max_rounds,
+    their rewrites stay distinct, and a checkpoint round trip keeps the uids."""
+    aug = GroupDiversityAugmenter(num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
+    a, b = make_questions(2)
+    a, b = a.replace(id="x", uid="x"), b.replace(id="x", uid="x#dup1")
+    wrong = REWARDS[[0, 0]]  # both groups all wrong: both hard
+    assert len(aug.observe([a, b], wrong)) == 2  # a shared id would have let only one through
+    assert aug.observe([a, b], wrong) == []  # each used its one round
+    uids = [q.uid for q in aug.queue]
+    assert len(set(uids)) == 2 and {u.split("#aug")[0] for u in uids} == {"x", "x#dup1"}
+    again = GroupDiversityAugmenter(num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
+    again.load_state_dict(aug.state_dict())
+    assert [q.uid for q in again.queue] == uids
