@@ -30,7 +30,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SyntheticSettings:
-    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL."""
+    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL.
+
+    Args:
+        n_train: training questions to write.
+        n_val: validation questions to write.
+        n_test: test questions to write.
+        seed: seed of the scenes, questions and distractors.
+        image_size: side of the square frames, in pixels.
+        grid: scenes are grid x grid cells, one anatomy each (1 = one anatomy per frame).
+        num_options: answer options per question.
+        kinds: question kinds: position, relation, tool.
+        questions_per_scene: questions asked about each scene.
+        unique_scenes: never repeat a layout (a 1x1 grid has only as many layouts as anatomies: set false).
+        out_dir: folder the JSONL files and images are written to.
+    """
 
     n_train: int = 512
     n_val: int = 96
@@ -126,12 +140,30 @@ class AnatomyVQADataModule(L.LightningDataModule):
     so validation and test accuracy can be reported per stage with the same thresholds.
 
     Args:
+        train_file: training questions (any supported format, see `format`).
+        val_file: validation questions; None holds out `val_fraction` of the training file.
+        test_file: test questions (`test`; also `predict` when predict_file is None).
+        predict_file: questions `predict` answers (greedy) into model.predictions_file; None = test_file.
         format: question file format, or "auto" to detect it from the record keys (anatomy_r1,
             easyr1, omnimedvqa, medvlm_r1, medxpertqa, r1, generic).
         fields: read any other JSON/JSONL file: our field -> their key or dotted path, e.g.
             {question: q.text, options: choices, answer: gold.letter, images: media}; implies generic.
         check_images: before training, open every image once (size and mode) and stop on missing,
             empty, undecodable or folder paths, naming their records.
+        image_root: folder relative (and dataset-absolute) image paths are resolved against.
+        on_bad_record: "error" reports every bad record and stops; "skip" drops them with a warning.
+        synthetic: write and use the built-in synthetic scenes instead of question files.
+        val_fraction: share of the training file held out for validation when val_file is None.
+        num_stages: curriculum stages, by quantile of the option similarity S(q) on the training set.
+        similarity_encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2, or a folder / hub id.
+        similarity_aggregation: "mean" or "max" over the gold-vs-distractor cosine similarities.
+        embedding_cache_dir: where S(q) embeddings are cached (default: ANATOMY_LIGHTNING_CACHE).
+        batch_size: prompts per training step (each gets model.num_generations completions).
+        eval_batch_size: questions per validation / test / predict batch.
+        num_workers: DataLoader worker processes.
+        epoch_length: questions per sampler epoch (default: the training set size).
+        max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
+        seed: seed of the validation split and of the sampler's order.
     """
 
     def __init__(
@@ -139,6 +171,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
+        predict_file: str | None = None,
         format: str = "auto",
         fields: dict[str, str] | None = None,
         image_root: str | None = None,
@@ -158,12 +191,13 @@ class AnatomyVQADataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if synthetic is None and train_file is None and test_file is None:
+        if synthetic is None and train_file is None and test_file is None and predict_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.predict_file = predict_file
         self.format, self.fields = format, fields
         self.image_root, self.on_bad_record = image_root, on_bad_record
         self.check_images, self.synthetic = check_images, synthetic
@@ -176,6 +210,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.test_questions: list[Question] = []
+        self.predict_questions: list[Question] = []
         self.stage_thresholds: list[float] = []
         self.sampler: StageSampler | None = None
         self.augmenter: Augmenter | None = None
@@ -249,13 +284,15 @@ class AnatomyVQADataModule(L.LightningDataModule):
                 self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in held]
             if self.test_file:
                 self.test_questions = self._load(self.test_file, self.image_root)
+        if self.predict_file:
+            self.predict_questions = self._load(self.predict_file, self.image_root)
         if self.max_val_questions:
             self.val_questions = self.val_questions[: self.max_val_questions]
         self._score()
         self._prepared = True
 
     def _score(self) -> None:
-        everything = self.train_questions + self.val_questions + self.test_questions
+        everything = self.train_questions + self.val_questions + self.test_questions + self.predict_questions
         if not everything:
             raise DataError("data: no questions were loaded")
         scorer = SimilarityScorer(
@@ -334,6 +371,13 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_questions or self.val_questions, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """data.predict_file, else the test questions."""
+        questions = self.predict_questions or self.test_questions
+        if not questions:
+            raise DataError("predict: no questions; set data.predict_file (or data.test_file)")
+        return self._eval_loader(questions, "predict")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""
