@@ -256,7 +256,8 @@ def quiet_library_noise() -> None:
                 handler.addFilter(_QuietFilter())
 
 
-def main(args: list[str] | None = None) -> AnatomyCLI:
+def main(args: list[str] | None = None, run: bool = True) -> AnatomyCLI:
+    """The CLI (`run=False`: parse and build model, data and trainer without a subcommand, for tests)."""
     setup_logging()
     quiet_library_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -270,6 +271,7 @@ def main(args: list[str] | None = None) -> AnatomyCLI:
             parser_class=SuggestingParser,
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
         )
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
         if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):
