@@ -87,11 +87,27 @@ class AnatomyCLI(LightningCLI):
     # Evaluation-only knobs: what the user passes now wins over what the checkpoint was trained with.
     EVAL_KEYS = ("predictions_file", "eval_max_new_tokens", "sample_every_n_steps")
 
+    # model settings that are gone, found in older checkpoints' hyperparameters -> where they live now
+    RETIRED_KEYS = {"max_grad_norm": "trainer.gradient_clip_val"}
+
     def _parse_ckpt_path(self) -> None:
         """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
         sub = self.config.get("subcommand")
         given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
-        super()._parse_ckpt_path()
+        parse_object = self.parser.parse_object
+
+        def without_retired(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            model = cfg.get(sub, {}).get("model", {}) if sub else {}
+            for key, now in self.RETIRED_KEYS.items():
+                if key in model:
+                    log.info("checkpoint hyperparameter model.%s=%s ignored: it is %s now", key, model.pop(key), now)
+            return parse_object(cfg, *args, **kwargs)
+
+        self.parser.parse_object = without_retired  # type: ignore[method-assign]
+        try:
+            super()._parse_ckpt_path()
+        finally:
+            del self.parser.parse_object
         for key, value in given.items():
             if value is not None:
                 self.config[sub]["model"][key] = value
@@ -246,6 +262,10 @@ def quiet_library_noise() -> None:
     """Warnings filters and log filters for QUIET_WARNINGS / QUIET_LOG_LINES (idempotent)."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if not sys.stdout.isatty():  # no terminal: Hugging Face's weight-loading bars print as garbage
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)

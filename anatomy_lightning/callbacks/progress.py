@@ -5,7 +5,7 @@ Lightning's epoch bar ("Epoch 0/-2", which means nothing when a run is measured 
 `ProgressLog` writes one plain line every `trainer.log_every_n_steps` optimiser steps when there
 is no terminal (nohup, SLURM log files), where a bar would print nothing readable:
 
-    step 20/400 | reward 0.412 | accuracy 0.375 | kl 0.0123 | 2.31 s/step | ETA 14m 37s
+    step 20/400 | reward 0.412 | accuracy 0.375 | val/acc 0.350 | kl 0.0123 | 2.31 s/step | ETA 14m 37s
 
 The CLI adds both by default.
 """
@@ -80,7 +80,8 @@ class StepProgressBar(TQDMProgressBar):
 
 
 class ProgressLog(Callback):
-    """One plain line every `every_n_steps` optimiser steps: step/max, reward, accuracy, KL, s/step, ETA.
+    """One plain line every `every_n_steps` optimiser steps: step/max, reward, accuracy (the accuracy
+    reward's mean, and the last val/acc), KL, s/step, ETA.
 
     Args:
         every_n_steps: steps between lines (default: trainer.log_every_n_steps).
@@ -115,12 +116,13 @@ class ProgressLog(Callback):
     def line(self, trainer: L.Trainer) -> str:
         step, total = trainer.global_step, trainer.max_steps
         parts = [f"step {step}/{total}" if total and total > 0 else f"step {step}"]
-        for label, names, fmt in (
-            ("reward", ("train/reward",), ".3f"),
-            ("accuracy", ("train/rewards/accuracy/mean", "val/acc"), ".3f"),
-            ("kl", ("train/kl",), ".4f"),
+        for label, name, fmt in (
+            ("reward", "train/reward", ".3f"),
+            ("accuracy", "train/rewards/accuracy/mean", ".3f"),  # the accuracy reward, when it is one
+            ("val/acc", "val/acc", ".3f"),  # the last validation
+            ("kl", "train/kl", ".4f"),
         ):
-            value = _metric(trainer, *names)
+            value = _metric(trainer, name)
             if value is not None:
                 parts.append(f"{label} {value:{fmt}}")
         if self._t0 is not None and step > self._step0:
