@@ -40,11 +40,11 @@ from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
-from anatomy_lightning.module import GRPOModule
+from anatomy_lightning.module import PRECISION_DTYPE, GRPOModule, weight_dtype
 
 log = logging.getLogger(__name__)
 # weight dtype -> the "-true" precision that keeps it (an unset trainer.precision follows model.dtype)
-_DTYPE_PRECISION = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true", "float64": "64-true"}
+_DTYPE_PRECISION = {dtype: precision for precision, dtype in PRECISION_DTYPE.items()}
 # callbacks with their own top-level section: a trainer.callbacks entry would run them twice
 _SECTIONS = {CurriculumCallback: "curriculum", GroupDiversityCallback: "augmentation"}
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
@@ -188,13 +188,7 @@ class AnatomyCLI(LightningCLI):
             if trainer.get("precision") is None and dtype in _DTYPE_PRECISION:
                 trainer["precision"] = _DTYPE_PRECISION[dtype]
                 log.info("trainer.precision=%s, from model.dtype=%s", trainer["precision"], dtype)
-            precision = str(trainer.get("precision"))
-            implied = {v: k for k, v in _DTYPE_PRECISION.items()}.get(precision)
-            if implied and dtype not in (None, "auto", implied):
-                raise ValueError(
-                    f"model.dtype={dtype} but trainer.precision={precision} casts the weights to {implied}; "
-                    "set one of them (model.dtype: auto follows trainer.precision)"
-                )
+            weight_dtype(dtype or "auto", trainer.get("precision"))  # a conflict fails now, not after data loading
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._continue_tensorboard_run(config)
 

@@ -7,7 +7,7 @@ Order of a training step (manual optimisation, so `num_iterations` > 1 can reuse
   3. score them (weighted reward functions) and compute group-normalised advantages;
   4. reference log-probs (adapter off; skipped when beta = 0) and old log-probs (only when mu > 1);
   5. mu optimiser steps on the clipped surrogate + beta * KL, each skipped if the loss is not finite
-     (with `trainer.accumulate_grad_batches` = N, one step per N rollouts, their gradients summed).
+     (with `trainer.accumulate_grad_batches` = N, one step per N rollouts, on the mean of their losses).
 Every log-prob forward reuses the rollout's image features (when the vision tower is frozen) and
 runs each prompt once for its group (see `grpo.rollout`).
 The maths lives in `grpo.loss`; this class only wires it to Lightning.
@@ -70,7 +70,23 @@ log = logging.getLogger(__name__)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DEFAULT_REWARDS = {"accuracy": 1.0, "format": 0.5}  # never mutated: the module copies it
 # trainer.precision -> the weight dtype it implies ("-true": Lightning casts the module to it)
-_TRUE_PRECISION_DTYPE = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+PRECISION_DTYPE = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+
+
+def weight_dtype(dtype: str, precision: str | None) -> str:
+    """model.dtype checked against trainer.precision: "auto" takes a "-true" precision's dtype (else
+    stays "auto": the checkpoint's own), an explicit dtype that a "-true" precision contradicts is refused."""
+    implied = PRECISION_DTYPE.get(str(precision))
+    if implied is None:
+        return dtype
+    if dtype == "auto":
+        return implied
+    if dtype != implied:
+        raise ValueError(
+            f"model.dtype={dtype} but trainer.precision={precision} casts the weights to {implied}; "
+            "set one of them (model.dtype: auto follows trainer.precision)"
+        )
+    return dtype
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
@@ -262,19 +278,7 @@ class GRPOModule(L.LightningModule):
 
     def _weight_dtype(self) -> str:
         """model.dtype, checked against (or, for "auto", taken from) trainer.precision."""
-        dtype = self.hparams.dtype
-        precision = str(self._trainer.precision) if self._trainer is not None else None
-        implied = _TRUE_PRECISION_DTYPE.get(precision or "")
-        if implied is None:
-            return dtype
-        if dtype == "auto":
-            return implied
-        if dtype != implied:
-            raise ValueError(
-                f"model.dtype={dtype} but trainer.precision={precision} casts the weights to {implied}; "
-                f"set one of them: model.dtype: auto follows trainer.precision"
-            )
-        return dtype
+        return weight_dtype(self.hparams.dtype, self._trainer.precision if self._trainer is not None else None)
 
     def _load_image(self, path: str) -> Any:
         img = self._image_cache.get(path)
