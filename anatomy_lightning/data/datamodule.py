@@ -140,30 +140,12 @@ class AnatomyVQADataModule(L.LightningDataModule):
     so validation and test accuracy can be reported per stage with the same thresholds.
 
     Args:
-        train_file: training questions (any supported format, see `format`).
-        val_file: validation questions; None holds out `val_fraction` of the training file.
-        test_file: test questions (`test`; also `predict` when predict_file is None).
-        predict_file: questions `predict` answers (greedy) into model.predictions_file; None = test_file.
         format: question file format, or "auto" to detect it from the record keys (anatomy_r1,
             easyr1, omnimedvqa, medvlm_r1, medxpertqa, r1, generic).
         fields: read any other JSON/JSONL file: our field -> their key or dotted path, e.g.
             {question: q.text, options: choices, answer: gold.letter, images: media}; implies generic.
         check_images: before training, open every image once (size and mode) and stop on missing,
             empty, undecodable or folder paths, naming their records.
-        image_root: folder relative (and dataset-absolute) image paths are resolved against.
-        on_bad_record: "error" reports every bad record and stops; "skip" drops them with a warning.
-        synthetic: write and use the built-in synthetic scenes instead of question files.
-        val_fraction: share of the training file held out for validation when val_file is None.
-        num_stages: curriculum stages, by quantile of the option similarity S(q) on the training set.
-        similarity_encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2, or a folder / hub id.
-        similarity_aggregation: "mean" or "max" over the gold-vs-distractor cosine similarities.
-        embedding_cache_dir: where S(q) embeddings are cached (default: ANATOMY_LIGHTNING_CACHE).
-        batch_size: prompts per training step (each gets model.num_generations completions).
-        eval_batch_size: questions per validation / test / predict batch.
-        num_workers: DataLoader worker processes.
-        epoch_length: questions per sampler epoch (default: the training set size).
-        max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
-        seed: seed of the validation split and of the sampler's order.
     """
 
     def __init__(
@@ -171,7 +153,6 @@ class AnatomyVQADataModule(L.LightningDataModule):
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
-        predict_file: str | None = None,
         format: str = "auto",
         fields: dict[str, str] | None = None,
         image_root: str | None = None,
@@ -189,15 +170,38 @@ class AnatomyVQADataModule(L.LightningDataModule):
         epoch_length: int | None = None,
         max_val_questions: int | None = None,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
+        """The options the class docstring does not describe (both appear in `fit --help`).
+
+        Args:
+            train_file: training questions (any supported format, see `format`).
+            val_file: validation questions; None holds out `val_fraction` of the training file.
+            test_file: test questions (`test`; also `predict` when predict_file is None).
+            image_root: folder that relative (and dataset-absolute) image paths are resolved against.
+            on_bad_record: "error" reports every bad record and stops; "skip" drops them with a warning.
+            synthetic: write and use the built-in synthetic scenes instead of question files.
+            val_fraction: share of the training file held out for validation when val_file is None.
+            num_stages: curriculum stages, by quantile of the option similarity S(q) on the training set.
+            similarity_encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2, or a folder / hub id.
+            similarity_aggregation: "mean" or "max" over the gold-vs-distractor cosine similarities.
+            embedding_cache_dir: where S(q) embeddings are cached (default: ANATOMY_LIGHTNING_CACHE).
+            batch_size: prompts per training step (each gets model.num_generations completions).
+            eval_batch_size: questions per validation / test / predict batch.
+            num_workers: DataLoader worker processes.
+            epoch_length: questions per sampler epoch (default: the training set size).
+            max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
+            seed: seed of the validation split and of the sampler's order.
+            predict_file: the questions `predict` answers (greedy) into model.predictions_file;
+                None = the test questions. Staged with the training set's S(q) thresholds.
+        """
         super().__init__()
-        if synthetic is None and train_file is None and test_file is None and predict_file is None:
+        if synthetic is None and train_file is None and test_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
         if on_bad_record not in ("error", "skip"):
             raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
-        self.predict_file = predict_file
         self.format, self.fields = format, fields
         self.image_root, self.on_bad_record = image_root, on_bad_record
         self.check_images, self.synthetic = check_images, synthetic
@@ -210,7 +214,6 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.test_questions: list[Question] = []
-        self.predict_questions: list[Question] = []
         self.stage_thresholds: list[float] = []
         self.sampler: StageSampler | None = None
         self.augmenter: Augmenter | None = None
@@ -284,15 +287,13 @@ class AnatomyVQADataModule(L.LightningDataModule):
                 self.train_questions = [q for i, q in enumerate(self.train_questions) if i not in held]
             if self.test_file:
                 self.test_questions = self._load(self.test_file, self.image_root)
-        if self.predict_file:
-            self.predict_questions = self._load(self.predict_file, self.image_root)
         if self.max_val_questions:
             self.val_questions = self.val_questions[: self.max_val_questions]
         self._score()
         self._prepared = True
 
     def _score(self) -> None:
-        everything = self.train_questions + self.val_questions + self.test_questions + self.predict_questions
+        everything = self.train_questions + self.val_questions + self.test_questions
         if not everything:
             raise DataError("data: no questions were loaded")
         scorer = SimilarityScorer(
@@ -373,8 +374,17 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self._eval_loader(self.test_questions or self.val_questions, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        """data.predict_file, else the test questions."""
-        questions = self.predict_questions or self.test_questions
+        """data.predict_file (scored and staged like the test questions), else the test questions."""
+        path = self.hparams.get("predict_file")
+        if path:
+            questions = self._load(path, self.image_root)
+            SimilarityScorer(
+                self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
+            ).score(questions)
+            for q in questions:
+                q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds) if self.stage_thresholds else 0
+        else:
+            questions = self.test_questions
         if not questions:
             raise DataError("predict: no questions; set data.predict_file (or data.test_file)")
         return self._eval_loader(questions, "predict")
