@@ -68,7 +68,19 @@ def _all_dests(parser: Any) -> list[str]:
 
 
 class SuggestingParser(LightningArgumentParser):
-    """Adds 'did you mean ...' to jsonargparse's unknown-key errors."""
+    """Adds 'did you mean ...' to jsonargparse's unknown-key errors; drops retired model settings
+    from the hyperparameters of older checkpoints (Lightning parses them with `parse_object`)."""
+
+    # model settings that are gone -> where they live now
+    RETIRED_KEYS = {"max_grad_norm": "trainer.gradient_clip_val"}
+
+    def parse_object(self, cfg_obj: Any, *args: Any, **kwargs: Any) -> Any:
+        for section in (cfg_obj.values() if isinstance(cfg_obj, dict) else ()):
+            model = section.get("model") if isinstance(section, dict) else None
+            for key, now in self.RETIRED_KEYS.items():
+                if isinstance(model, dict) and key in model:
+                    log.info("checkpoint hyperparameter model.%s=%s ignored: it is %s now", key, model.pop(key), now)
+        return super().parse_object(cfg_obj, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         for kind, group, key in _UNKNOWN.findall(message):
@@ -87,27 +99,11 @@ class AnatomyCLI(LightningCLI):
     # Evaluation-only knobs: what the user passes now wins over what the checkpoint was trained with.
     EVAL_KEYS = ("predictions_file", "eval_max_new_tokens", "sample_every_n_steps")
 
-    # model settings that are gone, found in older checkpoints' hyperparameters -> where they live now
-    RETIRED_KEYS = {"max_grad_norm": "trainer.gradient_clip_val"}
-
     def _parse_ckpt_path(self) -> None:
         """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
         sub = self.config.get("subcommand")
         given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
-        parse_object = self.parser.parse_object
-
-        def without_retired(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            model = cfg.get(sub, {}).get("model", {}) if sub else {}
-            for key, now in self.RETIRED_KEYS.items():
-                if key in model:
-                    log.info("checkpoint hyperparameter model.%s=%s ignored: it is %s now", key, model.pop(key), now)
-            return parse_object(cfg, *args, **kwargs)
-
-        self.parser.parse_object = without_retired  # type: ignore[method-assign]
-        try:
-            super()._parse_ckpt_path()
-        finally:
-            del self.parser.parse_object
+        super()._parse_ckpt_path()
         for key, value in given.items():
             if value is not None:
                 self.config[sub]["model"][key] = value
