@@ -217,8 +217,9 @@ class GRPOModule(L.LightningModule):
         self._val_sums = torch.zeros(1, 2)
         # Lightning's own gradient knobs, handed over by the CLI (`use_trainer_gradient_settings`):
         # the Trainer refuses them under manual optimisation, so this module applies them itself.
+        # Clipping defaults to norm 1.0 here and in the CLI (TRL's max_grad_norm default).
         self.accumulate_grad_batches = 1
-        self.gradient_clip_val: float | None = None
+        self.gradient_clip_val: float | None = 1.0
         self.gradient_clip_algorithm = "norm"
         self._accumulated = 0  # rollouts whose gradients wait for the next optimiser step
         # --optimizer / --lr_scheduler of the CLI (class_path + init_args), built on the trainable
@@ -228,13 +229,14 @@ class GRPOModule(L.LightningModule):
         self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens seen so far
 
     def use_trainer_gradient_settings(
-        self, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None,
+        self, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Apply `trainer.accumulate_grad_batches` / `gradient_clip_val` / `gradient_clip_algorithm`.
 
         Under manual optimisation Lightning refuses these Trainer arguments; the CLI takes them off
-        the Trainer and hands them here, so they stay the one place to set them.
+        the Trainer and hands them here, so they stay the one place to set them (from Python, call
+        this instead of passing them to `Trainer`). `gradient_clip_val` None or 0: no clipping.
         """
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")

@@ -115,6 +115,7 @@ def test_clipping_by_norm_and_value() -> None:
     from anatomy_lightning.module import GRPOModule
 
     m = GRPOModule()
+    assert m.gradient_clip_val == 1.0  # the same default as the CLI's trainer.gradient_clip_val
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=1.0)
     for algorithm, clipped in (("norm", [0.3, 0.4]), ("value", [0.5, 0.5])):
@@ -306,3 +307,18 @@ def test_non_tty_fit_resume_and_predict(tmp_path: Path) -> None:
     _run(["predict", *common, f"--ckpt_path={ckpt}", f"--model.predictions_file={preds}"], tmp_path)
     rows = preds.read_text().splitlines()
     assert len(rows) == 4 and '"prediction"' in rows[0]
+
+
+def test_progress_line_names_step_reward_accuracy_kl_speed_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from anatomy_lightning.callbacks import progress
+
+    trainer = SimpleNamespace(global_step=20, max_steps=400, callback_metrics={
+        "train/reward": torch.tensor(0.4123), "train/rewards/accuracy/mean": torch.tensor(0.375),
+        "val/acc": torch.tensor(0.35), "train/kl": torch.tensor(0.01234)})
+    cb = progress.ProgressLog()
+    cb._t0, cb._step0 = 0.0, 0
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 46.2)  # 2.31 s per step so far
+    assert cb.line(trainer) == (
+        "step 20/400 | reward 0.412 | accuracy 0.375 | val/acc 0.350 | kl 0.0123 | 2.31 s/step | ETA 14m 37s")
