@@ -227,6 +227,7 @@ class GRPOModule(L.LightningModule):
         self.cli_optimizer: dict[str, Any] | None = None
         self.cli_lr_scheduler: dict[str, Any] | None = None
         self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens seen so far
+        self._logger_step_checked = False
 
     def use_trainer_gradient_settings(
         self, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
@@ -655,6 +656,19 @@ class GRPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.non_finite_steps = checkpoint.get("non_finite_steps", 0)
         self.num_tokens = checkpoint.get("num_tokens", 0)
+
+    def on_train_start(self) -> None:
+        self._logger_step_checked = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A resumed run logs its first batch at the next TensorBoard step. When the checkpoint was
+        written at the end of a run, Lightning's restart bookkeeping adds one step too many (a gap
+        after `--ckpt_path last`). The Trainer never accumulates here (see
+        `use_trainer_gradient_settings`), so its logging step is simply the number of batches done."""
+        if not self._logger_step_checked:  # the first batch: after the loops' own reset on restart
+            self._logger_step_checked = True
+            loop = self.trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped = loop.batch_progress.total.completed
 
     def on_train_end(self) -> None:
         if self.global_rank == 0 and has_adapter(self.policy):

@@ -249,7 +249,9 @@ def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     deltas = []
-    for flags in (["--data.batch_size=4"], ["--data.batch_size=2", "--trainer.accumulate_grad_batches=2"]):
+    # the accumulated run also trains in row chunks of one group (logprob_batch_size=2)
+    for flags in (["--data.batch_size=4"],
+                  ["--data.batch_size=2", "--trainer.accumulate_grad_batches=2", "--model.logprob_batch_size=2"]):
         cli = main(["fit", "--config", str(DEMO), "--config", str(override), "--optimizer=torch.optim.SGD",
                     "--optimizer.lr=1.0",
                     *flags])
@@ -259,6 +261,35 @@ def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatc
     assert moved, "the step should move the parameters"
     for n in deltas[0]:
         torch.testing.assert_close(deltas[1][n], deltas[0][n], atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_new_loss_knobs_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dapo + GSPO + entropy masking + importance-weighted KL + batch-scaled rewards, set as a user sets
+    them, in row chunks of one group: the step runs, moves the policy and logs finite TRL metrics."""
+    from anatomy_lightning.grpo import rollout as R
+    from anatomy_lightning.module import GRPOModule
+
+    monkeypatch.setattr(R, "pick_next_token", _rank_in_group_pick)
+    start: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(GRPOModule, "on_fit_start", lambda self: start.update(
+        {n: p.detach().clone() for n, p in self.policy.named_parameters()}))
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump(TINY))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = main(["fit", "--config", str(DEMO), "--config", str(override), "--model.loss_type=dapo",
+                "--model.importance_sampling_level=sequence", "--model.top_entropy_quantile=0.5",
+                "--model.use_bias_correction_kl=true", "--model.scale_rewards=batch", "--model.beta=0.04",
+                "--model.min_new_tokens=0", "--model.logprob_batch_size=2", "--data.batch_size=2"])
+    hp = cli.model.hparams
+    assert (hp.loss_type, hp.importance_sampling_level, hp.top_entropy_quantile, hp.use_bias_correction_kl,
+            hp.scale_rewards) == ("dapo", "sequence", 0.5, True, "batch")
+    assert any((p.detach() - start[n]).abs().max() > 0 for n, p in cli.model.policy.named_parameters())
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/")}
+    for tag in ("train/entropy", "train/kl", "train/loss", "train/clip_ratio/region_mean", "train/num_tokens"):
+        assert math.isfinite(metrics[tag]), tag
+    assert metrics["train/entropy"] > 0
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -277,7 +308,7 @@ def test_non_tty_fit_resume_and_predict(tmp_path: Path) -> None:
 
     override = tmp_path / "small.yaml"
     override.write_text(yaml.safe_dump({
-        "trainer": {"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 2, "enable_model_summary": False},
+        "trainer": {"max_steps": 2, "val_check_interval": 2, "log_every_n_steps": 1, "enable_model_summary": False},
         "model": {"num_generations": 2, "max_new_tokens": 6, "sample_every_n_steps": 0,
                   "rewards": {"tests.e2e.cli_runs:length_reward": 1.0, "accuracy": 1.0}},
         "data": {"synthetic": {"n_train": 16, "n_val": 4, "n_test": 4}, "batch_size": 2, "eval_batch_size": 4},
@@ -287,16 +318,16 @@ def test_non_tty_fit_resume_and_predict(tmp_path: Path) -> None:
     fit = _run(["fit", *common], tmp_path)
     out = fit.stdout + fit.stderr
     lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 2/4", "step 4/4"], out[-3000:]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 1/2", "step 2/2"], out[-3000:]
     assert all(k in lines[-1] for k in ("reward ", "accuracy ", "kl ", "s/step", "ETA ")), lines
     for noise in ("Tip:", "LeafSpec", "args parameter", "gemm_4bit_forward", "Epoch 0/"):
         assert noise not in out, noise
-    resumed = _run(["fit", *common, "--ckpt_path=last", "--trainer.max_steps=6"], tmp_path)
-    assert "step 6/6" in resumed.stderr
+    resumed = _run(["fit", *common, "--ckpt_path=last", "--trainer.max_steps=3"], tmp_path)
+    assert "step 3/3" in resumed.stderr and "step 1/3" not in resumed.stderr
     [version] = (tmp_path / "outputs" / "tensorboard" / "knobs").iterdir()  # one run folder, not two
     scalars = _scalars(version)
-    # logged every 2 steps: 1 and 3 by the first run, 5 after the resume, in the same folder
-    assert [s for s, _ in scalars["train/reward"]] == [1, 3, 5]
+    # steps 0 and 1 by the first run, 2 after the resume, in the same folder
+    assert [s for s, _ in scalars["train/reward"]] == [0, 1, 2]
     for tag in ("entropy", "kl", "rewards/accuracy/mean", "rewards/accuracy/std", "completions/mean_terminated_length",
                 "clip_ratio/low_min", "clip_ratio/high_max", "num_tokens", "frac_reward_zero_std", "grad_norm"):
         assert f"train/{tag}" in scalars, tag
