@@ -65,7 +65,8 @@ def _lr_trace(cli, steps: int) -> list[float]:
         ("constant", [1 / 3, 2 / 3] + [1.0] * 8),
     ],
 )
-def test_lr_schedule_traces(schedule: str, expected: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lr_schedule_traces(schedule: str, expected: list[float], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     cli = _build(tmp_path, monkeypatch, f"--model.lr_schedule={schedule}", "--model.warmup_steps=2",
                  "--trainer.max_steps=10", "--model.learning_rate=0.1")
     assert _lr_trace(cli, 10) == pytest.approx([0.1 * f for f in expected])
@@ -166,7 +167,8 @@ def test_curriculum_and_augmentation_are_sections(capsys: pytest.CaptureFixture[
 def test_callbacks_list_entry_for_a_section_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "anatomy_lightning.callbacks.curriculum.CurriculumCallback", "init_args": {"promote_at": 0.5}}]}}))
+        {"class_path": "anatomy_lightning.callbacks.curriculum.CurriculumCallback",
+         "init_args": {"promote_at": 0.5}}]}}))
     err = _exit_message(capsys, "--config", str(old))
     assert "top-level `curriculum:` section" in err
 
@@ -234,9 +236,8 @@ def _rank_in_group_pick(logits, do_sample, temperature=1.0, top_p=1.0, top_k=0, 
     return order[rows, rows % 2]
 
 
-@pytest.mark.slow
-def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two rollouts of 2 prompts accumulated into one SGD step == one step on a rollout of 4 prompts."""
+def _tiny_fit_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], Path]:
+    """Deterministic completions, the policy's weights recorded at fit start, the TINY override file."""
     from anatomy_lightning.grpo import rollout as R
     from anatomy_lightning.module import GRPOModule
 
@@ -248,13 +249,19 @@ def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatc
     override.write_text(yaml.safe_dump(TINY))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    return start, override
+
+
+@pytest.mark.slow
+def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rollouts of 2 prompts accumulated into one SGD step == one step on a rollout of 4 prompts."""
+    start, override = _tiny_fit_setup(tmp_path, monkeypatch)
     deltas = []
     # the accumulated run also trains in row chunks of one group (logprob_batch_size=2)
     for flags in (["--data.batch_size=4"],
                   ["--data.batch_size=2", "--trainer.accumulate_grad_batches=2", "--model.logprob_batch_size=2"]):
         cli = main(["fit", "--config", str(DEMO), "--config", str(override), "--optimizer=torch.optim.SGD",
-                    "--optimizer.lr=1.0",
-                    *flags])
+                    "--optimizer.lr=1.0", *flags])
         assert cli.trainer.global_step == 1
         deltas.append({n: p.detach() - start[n] for n, p in cli.model.policy.named_parameters()})
     moved = [n for n, d in deltas[0].items() if d.abs().max() > 1e-6]
@@ -267,17 +274,7 @@ def test_accumulation_equals_one_batch_twice_the_size(tmp_path: Path, monkeypatc
 def test_new_loss_knobs_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """dapo + GSPO + entropy masking + importance-weighted KL + batch-scaled rewards, set as a user sets
     them, in row chunks of one group: the step runs, moves the policy and logs finite TRL metrics."""
-    from anatomy_lightning.grpo import rollout as R
-    from anatomy_lightning.module import GRPOModule
-
-    monkeypatch.setattr(R, "pick_next_token", _rank_in_group_pick)
-    start: dict[str, torch.Tensor] = {}
-    monkeypatch.setattr(GRPOModule, "on_fit_start", lambda self: start.update(
-        {n: p.detach().clone() for n, p in self.policy.named_parameters()}))
-    override = tmp_path / "tiny.yaml"
-    override.write_text(yaml.safe_dump(TINY))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    start, override = _tiny_fit_setup(tmp_path, monkeypatch)
     cli = main(["fit", "--config", str(DEMO), "--config", str(override), "--model.loss_type=dapo",
                 "--model.importance_sampling_level=sequence", "--model.top_entropy_quantile=0.5",
                 "--model.use_bias_correction_kl=true", "--model.scale_rewards=batch", "--model.beta=0.04",
@@ -293,7 +290,8 @@ def test_new_loss_knobs_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "anatomy_lightning", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-4000:]
