@@ -1,11 +1,22 @@
 """`python -m anatomy_lightning fit|validate|test --config configs/X.yaml`.
 
 A thin `LightningCLI`: the model is always `GRPOModule`, the data always `AnatomyVQADataModule`;
-callbacks (curriculum, augmentation, checkpoints) come from the YAML. Configs are parsed in
-omegaconf mode, so `${run_name}`-style interpolation works. Two additions for users: an unknown
-config key is answered with the nearest valid key, and our own input errors (bad data, a model
-path that does not exist, 4-bit on hardware that cannot do it) end in one clear line, not a
-traceback (set ANATOMY_LIGHTNING_DEBUG=1 for the traceback).
+the curriculum and the augmentation are top-level config sections (`curriculum:`,
+`augmentation:`; `--curriculum.promote_at=0.7`), other callbacks (checkpoints) come from
+`trainer.callbacks`. Configs are parsed in omegaconf mode, so `${run_name}`-style interpolation
+works. Additions for users: an unknown config key is answered with the nearest valid key, and our
+own input errors (bad data, a model path that does not exist, 4-bit on hardware that cannot do it)
+end in one clear line, not a traceback (set ANATOMY_LIGHTNING_DEBUG=1 for the traceback).
+
+Lightning's own knobs, although the module optimises manually (`GRPOModule` applies them):
+  trainer.accumulate_grad_batches  N rollouts per optimiser step (gradients summed, each 1/N)
+  trainer.gradient_clip_val        the one clipping setting (default 1.0; 0 or null = off)
+  trainer.gradient_clip_algorithm  norm | value
+  trainer.precision                "-true" precisions set the weight dtype (model.dtype: auto);
+                                   unset, it follows an explicit model.dtype
+  --optimizer / --lr_scheduler     any torch optimizer / scheduler; they replace model.optimizer,
+                                   learning_rate, weight_decay / model.lr_schedule, warmup_steps
+A resumed `fit --ckpt_path ...` writes into the TensorBoard version folder of the checkpoint's run.
 """
 
 from __future__ import annotations
@@ -21,16 +32,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.callbacks.checkpoint import check_checkpoint_file
+from anatomy_lightning.callbacks.curriculum import CurriculumCallback
+from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
-from anatomy_lightning.module import GRPOModule
+from anatomy_lightning.module import PRECISION_DTYPE, GRPOModule, weight_dtype
 from anatomy_lightning.settings_check import check_settings
 
+log = logging.getLogger(__name__)
+# weight dtype -> the "-true" precision that keeps it (an unset trainer.precision follows model.dtype)
+_DTYPE_PRECISION = {dtype: precision for precision, dtype in PRECISION_DTYPE.items()}
+# callbacks with their own top-level section: a trainer.callbacks entry would run them twice
+_SECTIONS = {CurriculumCallback: "curriculum", GroupDiversityCallback: "augmentation"}
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
 
 
@@ -52,7 +72,19 @@ def _all_dests(parser: Any) -> list[str]:
 
 
 class SuggestingParser(LightningArgumentParser):
-    """Adds 'did you mean ...' to jsonargparse's unknown-key errors."""
+    """Adds 'did you mean ...' to jsonargparse's unknown-key errors; drops retired model settings
+    from the hyperparameters of older checkpoints (Lightning parses them with `parse_object`)."""
+
+    # model settings that are gone -> where they live now
+    RETIRED_KEYS = {"max_grad_norm": "trainer.gradient_clip_val"}
+
+    def parse_object(self, cfg_obj: Any, *args: Any, **kwargs: Any) -> Any:
+        for section in (cfg_obj.values() if isinstance(cfg_obj, dict) else ()):
+            model = section.get("model") if isinstance(section, dict) else None
+            for key, now in self.RETIRED_KEYS.items():
+                if isinstance(model, dict) and key in model:
+                    log.info("checkpoint hyperparameter model.%s=%s ignored: it is %s now", key, model.pop(key), now)
+        return super().parse_object(cfg_obj, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         for kind, group, key in _UNKNOWN.findall(message):
@@ -84,12 +116,43 @@ class AnatomyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         # a name the YAML interpolates into checkpoint and TensorBoard folders: ${run_name}
         parser.add_argument("--run_name", type=str, default="run", help="Names this run's output folders.")
+        # the curriculum and the augmentation as sections of their own: `--curriculum.promote_at=0.7`;
+        # Lightning adds the callbacks they build to the trainer's
+        for cls, key in _SECTIONS.items():
+            parser.add_lightning_class_args(cls, key)
+        parser.set_defaults({"trainer.gradient_clip_val": 1.0})  # TRL's max_grad_norm default
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.model.use_trainer_gradient_settings(**self._gradient_settings)
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Hand --optimizer / --lr_scheduler to the model, which builds them on its trainable parameters
+        once the policy exists (Lightning's version builds them now, on a model with no parameters yet,
+        and ignores --lr_scheduler without --optimizer)."""
+        parser = self._parser(subcommand)
+        inits = {}
+        for kind, register in (("optimizer", parser._optimizers), ("lr_scheduler", parser._lr_schedulers)):
+            keys = [k for k, (_, link_to) in register.items() if link_to == "AUTOMATIC"]
+            inits[kind] = self._get(self.config_init, keys[0]) if keys else None
+        if inits["optimizer"] or inits["lr_scheduler"]:
+            self.model.use_cli_optimizers(inits["optimizer"], inits["lr_scheduler"])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Add the step-counting bar (terminals) and the plain progress lines (log files)."""
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
+        if not any(isinstance(c, ProgressLog) for c in given):
+            callbacks.append(ProgressLog())
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
         """Check the model path and the quantisation before any data is read or model is built.
 
         `load_policy` checks both again; here they fail in a second instead of after data loading.
         """
+        self._reconcile_settings()
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         model = config.get("model") if config is not None else None
         if model is None:
@@ -99,6 +162,63 @@ class AnatomyCLI(LightningCLI):
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families
             family_for_type(json.loads((Path(path) / "config.json").read_text()).get("model_type", "?"), path)
+
+    def _reconcile_settings(self) -> None:
+        """Make every setting that exists in two places agree, or refuse the conflict (see the module doc)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer, model = config.get("trainer"), config.get("model")
+        self._gradient_settings: dict[str, Any] = {}
+        if trainer is None:
+            return
+        for entry in trainer.get("callbacks") or []:
+            path = str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
+            for cls, key in _SECTIONS.items():
+                if path.rsplit(".", 1)[-1] == cls.__name__:
+                    raise ValueError(
+                        f"trainer.callbacks has {cls.__name__}; it has its own section now: move its init_args "
+                        f"to a top-level `{key}:` section (or --{key}.<option>=...), which also keeps it "
+                        "when a later config replaces the trainer.callbacks list"
+                    )
+        # Lightning refuses these under manual optimisation: the module applies them (instantiate_classes)
+        self._gradient_settings = {
+            "accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
+            "gradient_clip_val": trainer.get("gradient_clip_val"),
+            "gradient_clip_algorithm": trainer.get("gradient_clip_algorithm"),
+        }
+        trainer["accumulate_grad_batches"], trainer["gradient_clip_val"] = 1, None
+        trainer["gradient_clip_algorithm"] = None
+        if model is not None:
+            dtype = model.get("dtype")
+            if trainer.get("precision") is None and dtype in _DTYPE_PRECISION:
+                trainer["precision"] = _DTYPE_PRECISION[dtype]
+                log.info("trainer.precision=%s, from model.dtype=%s", trainer["precision"], dtype)
+            weight_dtype(dtype or "auto", trainer.get("precision"))  # a conflict fails now, not after data loading
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            self._continue_tensorboard_run(config)
+
+    def _continue_tensorboard_run(self, config: Any) -> None:
+        """`fit --ckpt_path X`: log into the TensorBoard version folder the checkpoint's run wrote to."""
+        logger = config["trainer"].get("logger")
+        if not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
+            return
+        init = logger.get("init_args")
+        if init is None or init.get("version") is not None:
+            return
+        path = Path(str(config["ckpt_path"]))
+        if str(config["ckpt_path"]) == "last":
+            dirs = [
+                (c.get("init_args") or {}).get("dirpath") for c in config["trainer"].get("callbacks") or []
+                if hasattr(c, "get") and str(c.get("class_path", "")).endswith("Checkpoint")
+            ]
+            path = next((Path(d) / "last.ckpt" for d in dirs if d and (Path(d) / "last.ckpt").is_file()), path)
+        if not path.is_file():
+            return
+        import torch
+
+        version = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("tensorboard_version")
+        if version is not None:
+            init["version"] = version
+            log.info("resuming: TensorBoard continues %s/%s", init.get("name"), version)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -119,13 +239,45 @@ QUIET_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
     r".*Using ModelCheckpoint with manual optimization.*",
     r".*overridden `transfer_batch_to_device`.*",
+    # noise of libraries, not of this run: torch's pytree deprecation inside Lightning, and the
+    # LightningCLI note on `args` that the demo and the ablation (CLI called from Python) trigger
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
 )
+# log records that advertise or apologise rather than inform: Lightning's litlogger/litmodels
+# tips, and bitsandbytes' note that an optional CPU kernel package is not installed (the 4-bit
+# layers then use their built-in CPU path)
+QUIET_LOG_LINES = ("Tip: For seamless cloud", "Failed to load CPU gemm_4bit_forward")
 
 
-def main(args: list[str] | None = None) -> AnatomyCLI:
-    setup_logging()
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in QUIET_LOG_LINES)
+
+
+def quiet_library_noise() -> None:
+    """Warnings filters and log filters for QUIET_WARNINGS / QUIET_LOG_LINES (idempotent)."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if not sys.stdout.isatty():  # no terminal: Hugging Face's weight-loading bars print as garbage
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietFilter) for f in logger.filters):
+            logger.addFilter(_QuietFilter())
+        for handler in logger.handlers:
+            if not any(isinstance(f, _QuietFilter) for f in handler.filters):
+                handler.addFilter(_QuietFilter())
+
+
+def main(args: list[str] | None = None, run: bool = True) -> AnatomyCLI:
+    """The CLI (`run=False`: parse and build model, data and trainer without a subcommand, for tests)."""
+    setup_logging()
+    quiet_library_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # interpolate after every config file and flag is merged, so `--run_name=x` renames the folders
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -137,6 +289,7 @@ def main(args: list[str] | None = None) -> AnatomyCLI:
             parser_class=SuggestingParser,
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
         )
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
         if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):

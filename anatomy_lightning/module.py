@@ -6,7 +6,8 @@ Order of a training step (manual optimisation, so `num_iterations` > 1 can reuse
      per prompt, and the KV cache repeated for its G completions);
   3. score them (weighted reward functions) and compute group-normalised advantages;
   4. reference log-probs (adapter off; skipped when beta = 0) and old log-probs (only when mu > 1);
-  5. mu optimiser steps on the clipped surrogate + beta * KL, each skipped if the loss is not finite.
+  5. mu optimiser steps on the clipped surrogate + beta * KL, each skipped if the loss is not finite
+     (with `trainer.accumulate_grad_batches` = N, one step per N rollouts, on the mean of their losses).
 Every log-prob forward reuses the rollout's image features (when the vision tower is frozen) and
 runs each prompt once for its group (see `grpo.rollout`).
 The maths lives in `grpo.loss`; this class only wires it to Lightning.
@@ -32,8 +33,16 @@ from torchmetrics import MeanMetric
 from anatomy_lightning.callbacks.checkpoint import check_weights_fit
 from anatomy_lightning.data.images import load_image
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.loss import chunk_weight, group_advantages, grpo_loss
-from anatomy_lightning.grpo.rewards import RewardComputer, extract_choice
+from anatomy_lightning.grpo.loss import (
+    chunk_weight,
+    combine_chunk_metrics,
+    completion_length_metrics,
+    global_token_count,
+    group_advantages,
+    grpo_loss,
+    high_entropy_threshold,
+)
+from anatomy_lightning.grpo.rewards import RewardComputer, extract_choice, reward_metrics
 from anatomy_lightning.grpo.rollout import (
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
@@ -59,13 +68,57 @@ from anatomy_lightning.models.loading import (
 
 log = logging.getLogger(__name__)
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_REWARDS = {"accuracy": 1.0, "format": 0.5}  # never mutated: the module copies it
+# trainer.precision -> the weight dtype it implies ("-true": Lightning casts the module to it)
+PRECISION_DTYPE = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+
+
+def weight_dtype(dtype: str, precision: str | None) -> str:
+    """model.dtype checked against trainer.precision: "auto" takes a "-true" precision's dtype (else
+    stays "auto": the checkpoint's own), an explicit dtype that a "-true" precision contradicts is refused."""
+    implied = PRECISION_DTYPE.get(str(precision))
+    if implied is None:
+        return dtype
+    if dtype == "auto":
+        return implied
+    if dtype != implied:
+        raise ValueError(
+            f"model.dtype={dtype} but trainer.precision={precision} casts the weights to {implied}; "
+            "set one of them (model.dtype: auto follows trainer.precision)"
+        )
+    return dtype
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Multiplier of the base learning rate for optimiser step `step` (0-based).
+
+    Warmup: (step + 1) / (warmup + 1) for the first `warmup_steps` steps (the first step already
+    learns). Then "constant" stays at 1; "linear" and "cosine" decay to 0 at `total_steps`
+    (trainer.max_steps) as Hugging Face's `get_linear_schedule_with_warmup` /
+    `get_cosine_schedule_with_warmup` do.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if not total_steps or total_steps <= 0:
+        raise ValueError(f"model.lr_schedule={schedule!r} decays to 0 at trainer.max_steps; set trainer.max_steps")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 class GRPOModule(L.LightningModule):
     """GRPO for image-text-to-text models (Qwen2-VL / Qwen2.5-VL, or the built-in tiny one).
 
     Args:
         model: a built-in tiny name ("tiny-qwen2.5-vl"), a local folder or a hub id.
-        dtype: "auto", "bfloat16", "float16" or "float32" for the weights.
+        dtype: "auto", "bfloat16", "float16" or "float32" for the weights. "auto" follows
+            trainer.precision ("bf16-true" -> bfloat16, "32-true" -> float32, ...; the checkpoint's own
+            dtype under a "-mixed" precision); an explicit dtype that a "-true" precision contradicts
+            is refused (the CLI fills an unset trainer.precision from it).
         quantization: None, "4bit" (QLoRA: nf4, double quantisation, bf16 compute) or "8bit".
         lora: LoRA settings; None with no quantization means full fine-tuning.
         gradient_checkpointing: trade compute for activation memory (non-reentrant, PEFT-safe).
@@ -74,16 +127,25 @@ class GRPOModule(L.LightningModule):
         max_new_tokens, temperature, top_p, top_k: sampling settings for rollouts.
         min_new_tokens: no end-of-turn before this many tokens (0: off; benchmarks fix lengths with it).
         mask_truncated_completions: drop completions that hit max_new_tokens from the loss.
-        rewards: reward function name or "package.module:function" -> weight.
-        scale_rewards: divide advantages by the group std.
+        rewards: reward function name or "package.module:function" -> weight
+            (None: the default, accuracy 1.0 + format 0.5).
+        scale_rewards: "group" (true) divides advantages by the group std, "batch" by the batch std,
+            "none" (false) not at all (Dr. GRPO).
         std_tol: a group whose reward std is below this has no learning signal.
         loss_type: grpo | bnpo | dapo | dr_grpo | gpg (see grpo.loss).
         beta: KL coefficient (k3 estimator); 0 skips the reference forward entirely.
         epsilon_low / epsilon_high: clip range of the importance ratio.
+        importance_sampling_level: "token" (GRPO) or "sequence" (GSPO: one ratio per completion).
+        top_entropy_quantile: keep the policy loss only on the top rho share of tokens by entropy (1 = all).
+        use_bias_correction_kl: multiply the k3 KL by the importance ratio (TRL's option).
         num_iterations: mu, optimiser steps per rollout (old log-probs kept for the ratio).
         logprob_batch_size: rows per forward when computing log-probs (memory knob); None = all.
-        optimizer: adamw | adamw_8bit | paged_adamw_8bit.
-        learning_rate, weight_decay, warmup_steps, max_grad_norm: optimisation.
+        optimizer: adamw | adamw_8bit | paged_adamw_8bit (the CLI's --optimizer, if given, replaces
+            optimizer, learning_rate and weight_decay, and says so in the log).
+        learning_rate, weight_decay: optimisation. Gradient clipping is trainer.gradient_clip_val
+            (and gradient_clip_algorithm); accumulation is trainer.accumulate_grad_batches.
+        lr_schedule: constant | linear | cosine after `warmup_steps` of linear warmup; linear and
+            cosine reach 0 at trainer.max_steps (the CLI's --lr_scheduler, if given, replaces it).
         system_prompt / prompt_template: how a question is shown ({question}, {options}).
         eval_max_new_tokens: completion budget for greedy evaluation (default: max_new_tokens).
         sample_every_n_steps: log a text sample (question, gold, completion, reward) this often.
@@ -106,20 +168,23 @@ class GRPOModule(L.LightningModule):
         top_k: int = 0,
         min_new_tokens: int = 0,
         mask_truncated_completions: bool = False,
-        rewards: dict[str, float] | None = None,
-        scale_rewards: bool = True,
+        rewards: dict[str, float] | None = DEFAULT_REWARDS,
+        scale_rewards: bool | str = "group",
         std_tol: float = 1e-6,
         loss_type: str = "grpo",
         beta: float = 0.04,
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
+        importance_sampling_level: str = "token",
+        top_entropy_quantile: float = 1.0,
+        use_bias_correction_kl: bool = False,
         num_iterations: int = 1,
         logprob_batch_size: int | None = None,
         optimizer: str = "adamw",
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
+        lr_schedule: str = "constant",
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         eval_max_new_tokens: int | None = None,
@@ -131,15 +196,18 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"model.num_generations must be >= 2 for group advantages, got {num_generations}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"model.lr_schedule={lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         # Structured settings become their types here, once, however they arrived (YAML, a CLI
         # JSON string, dotted flags, a checkpoint's hparams, Python): LightningCLI passes dicts.
         lora = LoraSettings.coerce(lora)
+        rewards = dict(DEFAULT_REWARDS if rewards is None else rewards)  # the real default in hparams
         self.save_hyperparameters()
         self.hparams.lora = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.model_name = model
-        self.reward_computer = RewardComputer(rewards or {"accuracy": 1.0, "format": 0.5})
+        self.reward_computer = RewardComputer(rewards)
         self.policy: Any = None
         self.processor: Any = None
         self.reference: Any = None
@@ -148,6 +216,46 @@ class GRPOModule(L.LightningModule):
         self._eval_rows: list[dict[str, Any]] = []
         self.val_acc = MeanMetric()
         self._val_sums = torch.zeros(1, 2)
+        # Lightning's own gradient knobs, handed over by the CLI (`use_trainer_gradient_settings`):
+        # the Trainer refuses them under manual optimisation, so this module applies them itself.
+        # Clipping defaults to norm 1.0 here and in the CLI (TRL's max_grad_norm default).
+        self.accumulate_grad_batches = 1
+        self.gradient_clip_val: float | None = 1.0
+        self.gradient_clip_algorithm = "norm"
+        self._accumulated = 0  # rollouts whose gradients wait for the next optimiser step
+        # --optimizer / --lr_scheduler of the CLI (class_path + init_args), built on the trainable
+        # parameters in `configure_optimizers` (the policy does not exist before `configure_model`)
+        self.cli_optimizer: dict[str, Any] | None = None
+        self.cli_lr_scheduler: dict[str, Any] | None = None
+        self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens seen so far
+        self._logger_step_checked = False
+
+    def use_trainer_gradient_settings(
+        self, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Apply `trainer.accumulate_grad_batches` / `gradient_clip_val` / `gradient_clip_algorithm`.
+
+        Under manual optimisation Lightning refuses these Trainer arguments; the CLI takes them off
+        the Trainer and hands them here, so they stay the one place to set them (from Python, call
+        this instead of passing them to `Trainer`). `gradient_clip_val` None or 0: no clipping.
+        """
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if accumulate_grad_batches > 1 and self.hparams.num_iterations > 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={accumulate_grad_batches} with model.num_iterations="
+                f"{self.hparams.num_iterations}: mu > 1 steps the optimiser several times on one rollout, "
+                "accumulation waits for several rollouts; use one of them"
+            )
+        algorithm = gradient_clip_algorithm or "norm"
+        if algorithm not in ("norm", "value"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={algorithm!r}; choose norm or value")
+        if gradient_clip_val is not None and gradient_clip_val < 0:
+            raise ValueError(f"trainer.gradient_clip_val must be >= 0, got {gradient_clip_val}")
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self.gradient_clip_val = gradient_clip_val or None  # 0 = off, as in Lightning
+        self.gradient_clip_algorithm = algorithm
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -156,7 +264,7 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         self.policy, self.processor = load_policy(
             hp.model,
-            dtype=hp.dtype,
+            dtype=self._weight_dtype(),
             quantization=hp.quantization,
             lora=hp.lora,
             gradient_checkpointing=hp.gradient_checkpointing,
@@ -171,6 +279,10 @@ class GRPOModule(L.LightningModule):
         if tok.pad_token_id is None:  # the completion padding and the ids fed in place of vision tokens
             tok.pad_token = tok.eos_token
         log.info("model family %s (%s path)", self.family.name, "fast" if self.family.fast_path else "generic")
+
+    def _weight_dtype(self) -> str:
+        """model.dtype, checked against (or, for "auto", taken from) trainer.precision."""
+        return weight_dtype(self.hparams.dtype, self._trainer.precision if self._trainer is not None else None)
 
     def _load_image(self, path: str) -> Any:
         img = self._image_cache.get(path)
@@ -231,13 +343,15 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         G = hp.num_generations
         ro = self.rollout(batch)
-        rewards, per_fn = self.score(ro, batch)
+        rewards, per_fn = self.score(ro, batch)  # NaN where no reward function could score
         adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
 
         mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
         if hp.mask_truncated_completions:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
         mask = mask.to(self.device)
+        # dapo: the token count of the whole generation batch over every rank (each rank calls it)
+        n_items = global_token_count(mask) if hp.loss_type == "dapo" else None
         comp = ro.completion_ids
         comp_in = mask_vision_tokens(comp, self.vision_ids, self.processor.tokenizer.pad_token_id)
         # The rollout's image features were made by the policy before this step's update: valid for the
@@ -259,16 +373,24 @@ class GRPOModule(L.LightningModule):
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
+        accumulate = self.accumulate_grad_batches
         metrics: dict[str, float] = {}
         B = comp.shape[0]
         # group-aligned row chunks: forward + backward one chunk at a time (activation memory knob)
         step = max(G, (hp.logprob_batch_size or B) // G * G)
         for _ in range(hp.num_iterations):
-            opt.zero_grad(set_to_none=True)
-            loss_total, chunk_metrics, finite = 0.0, defaultdict(float), True
+            if self._accumulated == 0:
+                opt.zero_grad(set_to_none=True)
+            loss_total, outs, finite = 0.0, [], True
             for s in range(0, B, step):
                 rows, groups = slice(s, min(s + step, B)), slice(s // G, (s + step) // G)
-                logp = rollout_logprobs(self.policy, ro, comp_in, rows, hp.temperature, reuse_images=frozen)
+                logp, ent = rollout_logprobs(
+                    self.policy, ro, comp_in, rows, hp.temperature, reuse_images=frozen, with_entropy=True
+                )
+                thr = (
+                    high_entropy_threshold(ent, mask[rows], hp.top_entropy_quantile)
+                    if hp.top_entropy_quantile < 1 else None
+                )
                 out = grpo_loss(
                     hp.loss_type,
                     logp,
@@ -282,66 +404,93 @@ class GRPOModule(L.LightningModule):
                     max_completion_length=hp.max_new_tokens,
                     has_signal=adv.has_signal[groups],
                     group_size=G,
+                    importance_sampling_level=hp.importance_sampling_level,
+                    use_bias_correction_kl=hp.use_bias_correction_kl,
+                    entropy=ent,
+                    top_entropy_quantile=hp.top_entropy_quantile,
+                    entropy_threshold=thr,
+                    num_items_in_batch=n_items,
                 )
-                w = chunk_weight(hp.loss_type, mask[rows], mask, adv.has_signal[groups], adv.has_signal)
+                w = chunk_weight(
+                    hp.loss_type, mask[rows], mask, adv.has_signal[groups], adv.has_signal, num_items_in_batch=n_items
+                )
                 # every rank takes the same decision: under DDP a rank that skipped its backward
                 # would leave the others waiting in the gradient all-reduce
                 if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(out.loss)), all=True):
                     finite = False
                     break
-                self.manual_backward(out.loss * w)
+                # accumulated rollouts each count 1/N: the step follows the mean of their losses
+                self.manual_backward(out.loss * (w / accumulate))
                 loss_total += out.loss.item() * w
-                frac = (min(s + step, B) - s) / B
-                for k, v in out.metrics.items():
-                    if k != "alpha":  # row-weighted average of the chunk metrics
-                        chunk_metrics[k] += v * frac
-            metrics = dict(chunk_metrics)
+                outs.append(out)
+            metrics = combine_chunk_metrics(outs) if finite else {}  # every rank; token-weighted
             if hp.loss_type == "gpg":  # alpha = groups / groups with signal, over the whole batch
                 metrics["alpha"] = adv.has_signal.numel() / max(1, int(adv.has_signal.sum()))
-            if finite:
-                grad_norm = self._clip_gradients(opt)
-                finite = self.trainer.strategy.reduce_boolean_decision(math.isfinite(grad_norm), all=True)
             if not finite:
-                self.non_finite_steps += 1
-                log.warning("step %d: non-finite loss or gradient, optimizer step skipped", self.global_step)
-                opt.zero_grad(set_to_none=True)
+                self._skip_step(opt, "non-finite loss")
+                continue
+            metrics["loss"] = loss_total
+            self._accumulated += 1
+            if self._accumulated < accumulate:
+                continue  # gradients wait for the next rollout
+            self._accumulated = 0
+            grad_norm = self._clip_gradients(opt)
+            if not self.trainer.strategy.reduce_boolean_decision(math.isfinite(grad_norm), all=True):
+                self._skip_step(opt, "non-finite gradient")
                 continue
             opt.step()
             if sched is not None:
                 sched.step()
-            metrics["loss"] = loss_total
             metrics["grad_norm"] = grad_norm
 
-        self._log_train(ro, batch, rewards, per_fn, adv, metrics)
+        self._log_train(ro, batch, rewards, per_fn, adv, metrics, mask)
         return {"group_rewards": rewards.detach().view(-1, G).cpu()}
 
+    def _skip_step(self, opt: Any, why: str) -> None:
+        """Drop this step's gradients (and those accumulated with them) and count the skip."""
+        self.non_finite_steps += 1
+        log.warning("step %d: %s, optimizer step skipped", self.global_step, why)
+        opt.zero_grad(set_to_none=True)
+        self._accumulated = 0
+
     def _clip_gradients(self, opt: Any) -> float:
+        """Total gradient norm (before clipping), clipped by trainer.gradient_clip_val / _algorithm."""
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return 0.0
-        max_norm = self.hparams.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.gradient_clip_algorithm == "value":
+            norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+            if self.gradient_clip_val is not None:
+                torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val)
+            return norm
+        return float(torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val or float("inf")))
 
-    def _log_train(self, ro: Rollout, batch: list[Question], rewards: Tensor, per_fn: dict[str, Tensor], adv: Any, metrics: dict[str, float]) -> None:
-        G = ro.group_size
+    def _log_train(
+        self, ro: Rollout, batch: list[Question], rewards: Tensor, per_fn: dict[str, Tensor], adv: Any,
+        metrics: dict[str, float], mask: Tensor,
+    ) -> None:
+        """`train/*` with TRL's tags and meanings (reward, rewards/<fn>/mean|std, reward_std,
+        frac_reward_zero_std, kl, entropy, clip_ratio/*, completions/*, num_tokens), plus ours."""
+        tokens = torch.tensor(float(_prompt_tokens(ro)), device=self.device) + ro.completion_mask.sum().to(self.device)
+        self.num_tokens += int(global_token_count(tokens))  # every rank calls it (all_reduce under DDP)
         lengths = ro.lengths.float()
-        logs = {
-            "train/reward": rewards.mean(),
-            "train/reward_std": rewards.view(-1, G).std(-1, unbiased=False).mean(),
-            "train/invalid_gradient_ratio": 1.0 - adv.has_signal.float().mean(),
-            "train/completion_length/mean": lengths.mean(),
-            "train/completion_length/min": lengths.min(),
-            "train/completion_length/max": lengths.max(),
-            "train/truncated_share": ro.truncated.float().mean(),
-            "train/non_finite_steps": float(self.non_finite_steps),
-            "train/lr": self.optimizers().param_groups[0]["lr"],
+        logs: dict[str, Any] = {
+            **reward_metrics(rewards, per_fn),  # reward, rewards/<fn>/mean|std (NaN = unscored, left out)
+            **adv.metrics(),  # reward_std, frac_reward_zero_std
+            **completion_length_metrics(ro.lengths, ro.truncated),
+            "invalid_gradient_ratio": 1.0 - adv.has_signal.float().mean(),
+            "completion_length/mean": lengths.mean(),
+            "completion_length/min": lengths.min(),
+            "completion_length/max": lengths.max(),
+            "truncated_share": ro.truncated.float().mean(),
+            "non_finite_steps": float(self.non_finite_steps),
+            "num_tokens": float(self.num_tokens),
+            "lr": self.optimizers().param_groups[0]["lr"],
+            **metrics,
         }
-        for name, value in per_fn.items():
-            logs[f"train/rewards/{name}"] = value.mean()
-        for k, v in metrics.items():
-            logs[f"train/{k}"] = v
+        logs = {f"train/{k}": v for k, v in logs.items()}
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=len(batch))
-        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
+        self.log("reward", logs["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
             q = batch[0]
@@ -417,11 +566,7 @@ class GRPOModule(L.LightningModule):
         return f"test: scoring {split} | model: {weights}"
 
     def on_test_epoch_end(self) -> None:
-        rows = self._eval_rows
-        if self.trainer.world_size > 1:
-            gathered: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+        rows = self._gathered_rows()
         acc = sum(r["correct"] for r in rows) / max(1, len(rows))
         self.log("test/acc", acc, rank_zero_only=True)
         by = {"anatomy": defaultdict(list), "stage": defaultdict(list)}
@@ -431,11 +576,7 @@ class GRPOModule(L.LightningModule):
         for k, vals in by["stage"].items():
             self.log(f"test/acc_stage_{k}", sum(vals) / len(vals), rank_zero_only=True)
         if self.global_rank == 0:
-            path = self._predictions_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
+            path = self._write_predictions(rows)
             print(format_report(rows, by))
             print(f"predictions: {path}")
         self.test_results = {"acc": acc, "n": len(rows)}
@@ -446,13 +587,78 @@ class GRPOModule(L.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir
         return Path(root) / "predictions.jsonl"
 
+    # -- predict: greedy answers for a question file (data.predict_file, else the test file) -----
+    def on_predict_epoch_start(self) -> None:
+        self._eval_rows = []
+
+    def predict_step(self, batch: list[Question], batch_idx: int) -> list[dict[str, Any]]:
+        rows = self._evaluate(batch)
+        self._eval_rows.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._gathered_rows()
+        if self.global_rank == 0:
+            print(f"predictions ({len(rows)} questions): {self._write_predictions(rows)}")
+
+    def _gathered_rows(self) -> list[dict[str, Any]]:
+        """This stage's evaluation rows from every rank (every rank calls it)."""
+        rows = self._eval_rows
+        if self.trainer.world_size > 1:
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        return rows
+
+    def _write_predictions(self, rows: list[dict[str, Any]]) -> Path:
+        """One JSON row per question in model.predictions_file (default <log dir>/predictions.jsonl)."""
+        path = self._predictions_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return path
+
     # -- optimisation and checkpoints ----------------------------------------------------------
+    def use_cli_optimizers(self, optimizer: dict[str, Any] | None, lr_scheduler: dict[str, Any] | None) -> None:
+        """The CLI's --optimizer / --lr_scheduler (class_path + init_args): they replace
+        model.optimizer/learning_rate/weight_decay and model.lr_schedule/warmup_steps (logged)."""
+        self.cli_optimizer, self.cli_lr_scheduler = optimizer, lr_scheduler
+
     def configure_optimizers(self) -> Any:
+        from jsonargparse import Namespace
+        from lightning.pytorch.cli import instantiate_class
+
+        def plain(init: Any) -> dict[str, Any]:  # jsonargparse Namespaces -> dicts for instantiate_class
+            return init.as_dict() if isinstance(init, Namespace) else dict(init)
+
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = build_optimizer(hp.optimizer, params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        warmup = max(0, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
+        if self.cli_optimizer:
+            if not params:
+                raise ValueError("--optimizer got no parameters: nothing is trainable (set lora, or drop quantization)")
+            opt = instantiate_class(params, plain(self.cli_optimizer))
+            log.info(
+                "optimizer %s from --optimizer (lr %g); model.optimizer, model.learning_rate and "
+                "model.weight_decay are not used", type(opt).__name__, opt.param_groups[0]["lr"],
+            )
+        else:
+            opt = build_optimizer(hp.optimizer, params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        if self.cli_lr_scheduler:
+            sched = instantiate_class(opt, plain(self.cli_lr_scheduler))
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ValueError(
+                    "--lr_scheduler ReduceLROnPlateau is not supported: the scheduler is stepped once per "
+                    "optimizer step, with no metric; use a step-based scheduler or model.lr_schedule"
+                )
+            log.info(
+                "learning-rate schedule %s from --lr_scheduler, stepped once per optimizer step; "
+                "model.lr_schedule and model.warmup_steps are not used", type(sched).__name__,
+            )
+        else:
+            schedule, warmup, total = hp.lr_schedule, max(0, hp.warmup_steps), self.trainer.max_steps
+            lr_factor(warmup, schedule, warmup, total)  # refuse a decay without max_steps now, not at step N
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, schedule, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -460,10 +666,27 @@ class GRPOModule(L.LightningModule):
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["non_finite_steps"] = self.non_finite_steps
+        checkpoint["num_tokens"] = self.num_tokens
+        if isinstance(self.logger, TensorBoardLogger):  # `fit --ckpt_path` continues this TensorBoard run
+            checkpoint["tensorboard_version"] = self.logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
         self.non_finite_steps = checkpoint.get("non_finite_steps", 0)
+        self.num_tokens = checkpoint.get("num_tokens", 0)
+
+    def on_train_start(self) -> None:
+        self._logger_step_checked = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A resumed run logs its first batch at the next TensorBoard step. When the checkpoint was
+        written at the end of a run, Lightning's restart bookkeeping adds one step too many (a gap
+        after `--ckpt_path last`). The Trainer never accumulates here (see
+        `use_trainer_gradient_settings`), so its logging step is simply the number of batches done."""
+        if not self._logger_step_checked:  # the first batch: after the loops' own reset on restart
+            self._logger_step_checked = True
+            loop = self.trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped = loop.batch_progress.total.completed
 
     def on_train_end(self) -> None:
         if self.global_rank == 0 and has_adapter(self.policy):
@@ -471,6 +694,16 @@ class GRPOModule(L.LightningModule):
             root = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(self.trainer.default_root_dir)
             save_adapter(self.policy, root / "adapter")
             log.info("LoRA adapter (peft format) written to %s", root / "adapter")
+
+
+def _prompt_tokens(ro: Rollout) -> int:
+    """Prompt tokens the policy read for this rollout's B completions (each prompt once per completion)."""
+    mask = (ro.prompt_inputs or {}).get("attention_mask")
+    if mask is None:
+        return 0
+    n = int(mask.sum())
+    expanded = mask.shape[0] == ro.completion_ids.shape[0]  # the generic path encodes prompts per row
+    return n if expanded else n * ro.group_size
 
 
 def format_report(rows: list[dict[str, Any]], by: dict[str, dict[Any, list[bool]]]) -> str:

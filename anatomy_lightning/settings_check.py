@@ -40,7 +40,6 @@ _MODEL_RULES: tuple[_Rule, ...] = (
     ("learning_rate", lambda v: v > 0, "> 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
     ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
     ("min_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
     ("max_pixels", lambda v: v >= 1, "an integer >= 1, or null"),

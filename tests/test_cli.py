@@ -84,16 +84,11 @@ def test_fit_then_test_on_the_demo_config(tmp_path: Path) -> None:
                             "init_args": {"dirpath": "checkpoints/${run_name}", "save_last": True,
                                           "every_n_train_steps": 3},
                         },
-                        {
-                            "class_path": "anatomy_lightning.callbacks.curriculum.CurriculumCallback",
-                            "init_args": {"pacing": "fixed", "fixed_steps": 2},
-                        },
-                        {
-                            "class_path": "anatomy_lightning.callbacks.augmentation.GroupDiversityCallback",
-                            "init_args": {"encoder": "jaccard"},
-                        },
                     ],
                 },
+                # sections merge key by key: the demo's other curriculum/augmentation settings stay
+                "curriculum": {"pacing": "fixed", "fixed_steps": 2},
+                "augmentation": {"encoder": "jaccard"},
                 "model": {"num_generations": 2, "max_new_tokens": 6},
                 "data": {
                     "synthetic": {"n_train": 48, "n_val": 8, "n_test": 12},

@@ -32,7 +32,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SyntheticSettings:
-    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL."""
+    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL.
+
+    Args:
+        n_train: training questions to write.
+        n_val: validation questions to write.
+        n_test: test questions to write.
+        seed: seed of the scenes, questions and distractors.
+        image_size: side of the square frames, in pixels.
+        grid: scenes are grid x grid cells, one anatomy each (1 = one anatomy per frame).
+        num_options: answer options per question.
+        kinds: question kinds: position, relation, tool.
+        questions_per_scene: questions asked about each scene.
+        unique_scenes: never repeat a layout (a 1x1 grid has only as many layouts as anatomies: set false).
+        out_dir: folder the JSONL files and images are written to.
+    """
 
     n_train: int = 512
     n_val: int = 96
@@ -188,7 +202,31 @@ class AnatomyVQADataModule(L.LightningDataModule):
         epoch_length: int | None = None,
         max_val_questions: int | None = None,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
+        """The options the class docstring does not describe (both appear in `fit --help`).
+
+        Args:
+            train_file: training questions (any supported format, see `format`).
+            val_file: validation questions; None holds out `val_fraction` of the training file.
+            test_file: test questions (`test`; also `predict` when predict_file is None).
+            image_root: folder that relative (and dataset-absolute) image paths are resolved against.
+            on_bad_record: "error" reports every bad record and stops; "skip" drops them with a warning.
+            synthetic: write and use the built-in synthetic scenes instead of question files.
+            val_fraction: share of the training file held out for validation when val_file is None.
+            num_stages: curriculum stages, by quantile of the option similarity S(q) on the training set.
+            similarity_encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2, or a folder / hub id.
+            similarity_aggregation: "mean" or "max" over the gold-vs-distractor cosine similarities.
+            embedding_cache_dir: where S(q) embeddings are cached (default: ANATOMY_LIGHTNING_CACHE).
+            batch_size: prompts per training step (each gets model.num_generations completions).
+            eval_batch_size: questions per validation / test / predict batch.
+            num_workers: DataLoader worker processes.
+            epoch_length: questions per sampler epoch (default: the training set size).
+            max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
+            seed: seed of the validation split and of the sampler's order.
+            predict_file: the questions `predict` answers (greedy) into model.predictions_file;
+                None = the test questions. Staged with the training set's S(q) thresholds.
+        """
         super().__init__()
         if synthetic is None and train_file is None and test_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
@@ -456,6 +494,22 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_questions, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """data.predict_file (scored and staged like the test questions), else the test questions."""
+        path = self.hparams.get("predict_file")
+        if path:
+            questions = self._load(path, self.image_root)
+            SimilarityScorer(
+                self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
+            ).score(questions)
+            for q in questions:
+                q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds) if self.stage_thresholds else 0
+        else:
+            questions = self.test_questions
+        if not questions:
+            raise DataError("predict: no questions; set data.predict_file (or data.test_file)")
+        return self._eval_loader(questions, "predict")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""

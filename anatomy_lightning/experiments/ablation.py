@@ -12,7 +12,7 @@ Why this shape:
   the baseline ("before GRPO") is measured once;
 * the synthetic data's seed is fixed (same train/val/test questions); `seed_everything` and the
   augmentation's seed vary with the run's seed;
-* each arm gets its own derived YAML (the config with the two callbacks switched on or off): a
+* each arm gets its own derived YAML (the config with the two sections switched on or off): a
   LightningCLI `trainer.callbacks` list cannot be edited entry by entry from the command line;
 * `GroupSignalLogger` (below) is added to every arm: `GroupDiversityCallback` logs the invalid
   gradient ratio per anatomy class only when it is enabled, and plain GRPO is exactly the arm it
@@ -170,11 +170,15 @@ def load_base(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
+SECTIONS = {CURRICULUM: "curriculum", AUGMENTATION: "augmentation"}  # their top-level config sections
+
+
 def _callback(cfg: dict[str, Any], class_path: str) -> dict[str, Any]:
-    for entry in get_key(cfg, "trainer.callbacks", []) or []:
-        if isinstance(entry, dict) and entry.get("class_path") == class_path:
-            return entry.setdefault("init_args", {})
-    raise ValueError(f"the config has no {class_path} in trainer.callbacks; the ablation switches it on and off")
+    """The settings of the curriculum or the augmentation: its top-level section (made if absent)."""
+    section = cfg.get(SECTIONS[class_path])
+    if not isinstance(section, dict):
+        section = cfg[SECTIONS[class_path]] = {}
+    return section
 
 
 def derive_config(base: dict[str, Any], arm: str, seed: int, run_name: str, phase: str, quick: bool) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from anatomy_lightning.data.prompts import dataset_prompt
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.loss import token_logprobs
+from anatomy_lightning.grpo.loss import token_logprobs, token_logprobs_and_entropy
 from anatomy_lightning.models.families import ModelFamily, family_of
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -600,15 +600,26 @@ def mask_vision_tokens(completion_ids: Tensor, vision_ids: Sequence[int], pad_id
     return out
 
 
-def _logprobs(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+def _logprobs(logits: Tensor, targets: Tensor, temperature: float, entropy: bool = False) -> Any:
+    """(b, C) log-probs, or (log-probs, entropies) with `entropy` (both of the tempered logits)."""
     if temperature != 1.0:
         logits = logits / temperature
+    if entropy:
+        return token_logprobs_and_entropy(logits, targets)
     return token_logprobs(logits, targets)
 
 
+def _cat(parts: list[Any], dim: int = 0) -> Any:
+    """torch.cat of tensors, or of (logp, entropy) pairs element-wise."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p, dim=dim) for p in zip(*parts))
+    return torch.cat(parts, dim=dim)
+
+
 def _shared_prompt_logprobs(
-    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
-) -> Tensor:
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float,
+    entropy: bool = False,
+) -> Any:
     """(b, C) log-probs of completions `rows` with their prompts run once per group.
 
     The prompt forward gives the KV cache and the logits for the first completion token; the
@@ -620,7 +631,7 @@ def _shared_prompt_logprobs(
     p_rows = slice(rows.start // G, rows.stop // G)
     cache, first = prefill(model, prompts, p_rows, reuse_images)  # first: (n, V)
     first = first.repeat_interleave(G, dim=0).unsqueeze(1)  # (b, 1, V)
-    first = _logprobs(first, targets[:, :1], temperature)  # (b, 1)
+    first = _logprobs(first, targets[:, :1], temperature, entropy)  # (b, 1)
     C = inputs.shape[1]
     if C == 1:
         return first
@@ -634,12 +645,13 @@ def _shared_prompt_logprobs(
         cache=cache,
         use_cache=True,
     )  # logits (b, C - 1, V)
-    return torch.cat([first, _logprobs(out.logits, targets[:, 1:], temperature)], dim=1)
+    return _cat([first, _logprobs(out.logits, targets[:, 1:], temperature, entropy)], dim=1)
 
 
 def _full_sequence_logprobs(
-    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
-) -> Tensor:
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float,
+    entropy: bool = False,
+) -> Any:
     """(b, C) log-probs from whole prompt + completion rows (what activation checkpointing needs).
 
     Image features and positions are still shared: computed once per prompt, repeated G times.
@@ -660,12 +672,13 @@ def _full_sequence_logprobs(
         logits_to_keep=C + 1,
         **prompts.image_inputs(model, p_rows, G, reuse_images),
     )
-    return _logprobs(out.logits[:, :-1], ro.completion_ids[rows], temperature)
+    return _logprobs(out.logits[:, :-1], ro.completion_ids[rows], temperature, entropy)
 
 
 def _plain_logprobs(
-    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float
-) -> Tensor:
+    model: Any, ro: Rollout, inputs: Tensor, rows: slice, reuse_images: bool, temperature: float,
+    entropy: bool = False,
+) -> Any:
     """(b, C) log-probs the plain way (every row re-runs prompt and images): the generic path.
 
     Per-token processor outputs (token types) are extended over the completion as text; models
@@ -691,7 +704,7 @@ def _plain_logprobs(
         full = batch["attention_mask"].long()
         batch["position_ids"] = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
     logits = model(**batch, use_cache=False, logits_to_keep=C + 1).logits[:, :-1]  # (b, C, V)
-    return _logprobs(logits, ro.completion_ids[rows], temperature)
+    return _logprobs(logits, ro.completion_ids[rows], temperature, entropy)
 
 
 def rollout_logprobs(
@@ -702,13 +715,15 @@ def rollout_logprobs(
     temperature: float = 1.0,
     reuse_images: bool = True,
     batch_size: int | None = None,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Any:
     """Per-token log-probs (b, C) of the completions in `rows` (whole groups) under `model`.
 
     `completion_inputs`: `ro.completion_ids` after `mask_vision_tokens`; the log-probs are of the
     sampled ids themselves. `reuse_images`: whether the rollout's image features are valid for
     `model` (see `PromptBatch`). `batch_size`: rows per forward, rounded to whole groups. Prompts
     are shared across their group unless activation checkpointing is on and gradients are needed.
+    `with_entropy`: return (log-probs, entropies), both (b, C); the entropies carry no gradient.
     """
     G = ro.group_size
     B = ro.completion_ids.shape[0]
@@ -726,5 +741,5 @@ def rollout_logprobs(
     out = []
     for s in range(start, stop, step):
         r = slice(s, min(s + step, stop))
-        out.append(forward(model, ro, completion_inputs[r], r, reuse_images, temperature))
-    return torch.cat(out)
+        out.append(forward(model, ro, completion_inputs[r], r, reuse_images, temperature, with_entropy))
+    return _cat(out)

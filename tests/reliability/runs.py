@@ -45,18 +45,12 @@ def write_override(
                         "save_top_k": -1,
                     },
                 },
-                {
-                    "class_path": "anatomy_lightning.callbacks.curriculum.CurriculumCallback",
-                    "init_args": {"promote_at": 0.0, "max_steps_per_stage": 60},
-                },
-                {
-                    "class_path": "anatomy_lightning.callbacks.augmentation.GroupDiversityCallback",
-                    "init_args": {"num_rewrites": 2, "max_fraction": 0.25, "seed": 0, "encoder": "jaccard"},
-                },
                 {"class_path": "tests.reliability.state_dump.StateDump"},
                 *extra_callbacks,
             ],
         },
+        "curriculum": {"promote_at": 0.0, "max_steps_per_stage": 60},
+        "augmentation": {"num_rewrites": 2, "max_fraction": 0.25, "seed": 0, "encoder": "jaccard"},
         "model": {"num_generations": G, "max_new_tokens": 4},
         "data": {
             "synthetic": {"n_train": n_train, "n_val": 8, "n_test": 8},
