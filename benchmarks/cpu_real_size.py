@@ -67,7 +67,7 @@ def run_one(family: str, workdir: Path, new_tokens: int, G: int, image_size: int
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-true", max_steps=1, limit_val_batches=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer])
+                        enable_model_summary=False, callbacks=[timer], default_root_dir=str(workdir))
     trainer.fit(module, datamodule=data)
     image_tokens = int((module.encode(data.train_questions[:1])["input_ids"] == module.family.image_token_id(module.policy)).sum())
     n_params = sum(p.numel() for p in module.policy.parameters())
