@@ -205,6 +205,9 @@ def _show(out: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from anatomy_lightning.cli import quiet_library_noise
+
+    quiet_library_noise()  # before the encoder pulls in bitsandbytes / transformers
     args = parse_args(argv)
     try:
         out, questions = inspect(args)
