@@ -224,6 +224,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
             epoch_length: questions per sampler epoch (default: the training set size).
             max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
             seed: seed of the validation split and of the sampler's order.
+            test_fraction: with test_split "heldout", the share of train_file held out for `test`.
             predict_file: the questions `predict` answers (greedy) into model.predictions_file;
                 None = the test questions. Staged with the training set's S(q) thresholds.
         """
