@@ -38,16 +38,18 @@ The optional tool (a grey "hook", rgb (170, 170, 180)) is drawn over one region.
 
 Benchmarks (`benchmark=`): "v1" (the default, the table above) turned out not to have the property
 the curriculum relies on: 71/255 apart under pixel noise of sigma 6, family members are as easy to
-tell apart as families, so after GRPO the highest-S(q) stage was not the hardest. "v2" keeps the
-names, families, question stream and option draws of v1 (so S(q) and the stages are the same) and
-changes only the looks: every member of a family has the family's colour and texture (its first
-member's) plus a small tint, `V2_MEMBER_GAP` = 12/255 in one channel, and every frame gets its own
-illumination, a gain in [1 - `V2_GAIN`, 1 + `V2_GAIN`] and a per-channel offset of sigma
-`V2_TINT_SIGMA` = 14. That per-frame jitter (>= 14/255 per channel, ~27 in all) exceeds the within-family
-gap, so alike names are genuinely hard to tell apart, while families stay >= ~89 apart and easy.
-Distractors: a uniform number 0..min(k - 1, kin) from the gold's own family, the rest from other
-families, so a question is easy (low S(q), other families only), medium or hard (high S(q), up to
-k - 1 look-alikes); singleton families are always easy.
+tell apart as families, so after GRPO the highest-S(q) stage was not the hardest. "v2" makes visual
+difficulty follow name similarity (docs/benchmark_v2/README.md has the measurement and the designs
+that failed it):
+- looks are v1's, except that family members with alike names (`V2_LOOKALIKE_GROUPS`: MiniLM
+  cosine >= 0.65) share one look, `V2_LOOKALIKE_GAP` = 12/255 apart;
+- every frame gets its own illumination, a gain in [1 - `V2_GAIN`, 1 + `V2_GAIN`] and a per-channel
+  offset of sigma `V2_TINT_SIGMA` = 14: that jitter (>= 14/255 per channel, ~27 in all) exceeds the
+  look-alike gap, while any two other looks differ in texture (and by >= 38/255) or by >= 100/255;
+- a question's distractors are every kin of the gold that fits, the rest from other families, so
+  S(q) follows the gold: singletons are low-S(q) and easy, members with a look of their own medium,
+  look-alikes high-S(q) and hard. (The policy names what it sees and mostly ignores the options:
+  with v1's uniform number of kin distractors, a look-alike gold is as hard in every stage.)
 
 Files: `write_synthetic_split` writes `<split>.jsonl` (one `Question.to_record()` per line, image
 paths relative to the JSONL's folder), `images/<split>-<scene>.png` (questions of one scene share
@@ -109,20 +111,32 @@ FAMILIES: dict[str, tuple[Anatomy, ...]] = {
     fam: tuple(a for a in ANATOMIES if a.family == fam) for fam in dict.fromkeys(a.family for a in ANATOMIES)
 }
 BENCHMARKS = ("v1", "v2")
-# v2: within-family tint (added to one channel per member after the first), per-frame illumination
-V2_MEMBER_GAP = 12.0
-V2_MEMBER_OFFSETS = ((0.0, 0.0, 0.0), (V2_MEMBER_GAP, 0.0, 0.0), (0.0, V2_MEMBER_GAP, 0.0))
+# v2 looks: v1's, except that family members whose names are alike (all-MiniLM-L6-v2 cosine >= 0.65:
+# gallbladder / neck / fundus 0.73-0.81, the two liver lobes 0.96, common bile / common hepatic duct
+# 0.80, cystic duct / artery 0.68) share one look, the group's first member's, each further member
+# tinted by V2_LOOKALIKE_GAP in one channel, below the per-frame lighting jitter. The other members
+# (names 0.44-0.62 alike: Cystic Plate, Hepatic Artery, Liver) keep their own v1 colour and texture.
+V2_LOOKALIKE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("Cystic Duct", "Cystic Artery"),
+    ("Common Bile Duct", "Common Hepatic Duct"),
+    ("Gallbladder", "Gallbladder Neck", "Gallbladder Fundus"),
+    ("Right Liver Lobe", "Left Liver Lobe"),
+)
+V2_LOOKALIKE_GAP = 12.0
 V2_GAIN = 0.15  # brightness factor uniform in [1 - V2_GAIN, 1 + V2_GAIN], one per frame
 V2_TINT_SIGMA = 14.0  # per-channel offset, one per frame
 
 
 def _v2_looks() -> dict[str, Anatomy]:
-    looks = {}
-    for members in FAMILIES.values():
-        base = members[0]
-        for a, off in zip(members, V2_MEMBER_OFFSETS):
-            rgb = tuple(int(v + o) for v, o in zip(base.rgb, off))
-            looks[a.name] = Anatomy(a.name, a.family, rgb, base.texture)  # type: ignore[arg-type]
+    looks = dict(BY_NAME)
+    for group in V2_LOOKALIKE_GROUPS:
+        base = BY_NAME[group[0]]
+        for i, name in enumerate(group):
+            tint = [0.0, 0.0, 0.0]
+            if i:
+                tint[i - 1] = V2_LOOKALIKE_GAP
+            rgb = tuple(int(v + t) for v, t in zip(base.rgb, tint))
+            looks[name] = Anatomy(name, base.family, rgb, base.texture)  # type: ignore[arg-type]
     return looks
 
 
@@ -350,10 +364,14 @@ class SceneGenerator:
         return out
 
     def _options(self, gold: Anatomy) -> tuple[list[str], int, int]:
-        """Gold plus distractors: a uniform number of same-family (hard) ones, the rest from other families."""
+        """Gold plus distractors: some same-family (hard) ones, the rest from other families.
+
+        v1 draws a uniform number of same-family distractors; v2 takes as many as fit.
+        """
         rng, k = self._rng, self.num_options
         kin = [a for a in FAMILIES[gold.family] if a is not gold]
-        n_hard = rng.randint(0, min(k - 1, len(kin)))
+        # v2: always every kin that fits, so S(q) follows the gold (see the module docstring)
+        n_hard = min(k - 1, len(kin)) if self.benchmark == "v2" else rng.randint(0, min(k - 1, len(kin)))
         distractors = rng.sample(kin, n_hard) + rng.sample(self._others[gold.family], k - 1 - n_hard)
         rng.shuffle(distractors)
         if not self._gold_deck:
