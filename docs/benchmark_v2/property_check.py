@@ -1,6 +1,6 @@
 """Benchmark v2 property check: per-stage held-out accuracy after plain GRPO, and Spearman(S(q), error).
 
-    python docs/benchmark_v2/property_check.py outputs/bv2_final [--markdown]
+    python docs/benchmark_v2/property_check.py outputs/bv2_c [--plot docs/benchmark_v2/stages.png]
 
 Reads the ablation runner's per-question predictions (`<out>/predictions/ablation_grpo_s<seed>.jsonl`,
 each row with `stage`, `similarity` and `correct`) and the warm-start baseline. Spearman is computed
@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--arm", default="grpo")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw per-stage accuracy (PNG)")
     args = parser.parse_args()
     pred = args.out / "predictions"
     runs = {}
@@ -107,6 +108,31 @@ def main() -> None:
             f"- questions per stage: {per_seed[next(iter(per_seed))]['stage_n']}",
         ]
     print("\n".join(lines))
+    if args.plot and per_seed:
+        plot(per_seed, base, stages, args.plot)
+
+
+def plot(per_seed: dict, base: dict | None, stages: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=90)
+    vals = np.array([[s["stage"][k] for k in stages] for s in per_seed.values()])
+    se = vals.std(0, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else np.zeros(len(stages))
+    ax.bar(stages, vals.mean(0), yerr=se, color="#7fa7d9", capsize=4, label=f"plain GRPO, mean ± SE ({len(vals)} seeds)")
+    for seed, row in zip(per_seed, vals):
+        ax.plot(stages, row, "o-", ms=3, lw=0.8, alpha=0.7, label=f"seed {seed}")
+    if base:
+        ax.plot(stages, [base["stage"][k] for k in stages], "k--", lw=1, label="warm start")
+    ax.set_xticks(stages)
+    ax.set_xlabel("S(q) stage (0 = least alike options)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
