@@ -42,15 +42,15 @@ tell apart as families, so after GRPO the highest-S(q) stage was not the hardest
 difficulty follow name similarity (docs/benchmark_v2/README.md has the measurement and the designs
 that failed it):
 - looks are v1's, except that family members with alike names (`V2_LOOKALIKE_GROUPS`: MiniLM
-  cosine >= 0.65) share one look, `V2_LOOKALIKE_GAP` = 12/255 apart, and the members whose names
-  are not alike to any kin get a colour of their own (`V2_OWN_LOOKS`);
+  cosine >= 0.65) share one look, `V2_LOOKALIKE_GAP` = 12/255 apart;
 - every frame gets its own illumination, a gain in [1 - `V2_GAIN`, 1 + `V2_GAIN`] and a per-channel
   offset of sigma `V2_TINT_SIGMA` = 14: that jitter (>= 14/255 per channel, ~27 in all) exceeds the
   look-alike gap, while any two other looks differ in texture (and by >= 38/255) or by >= 100/255;
 - a question's distractors are every kin of the gold that fits, the rest from other families, so
   S(q) follows the gold: singletons are low-S(q) and easy, members with a look of their own medium,
-  look-alikes high-S(q) and hard. (The policy names what it sees and mostly ignores the options:
-  with v1's uniform number of kin distractors, a look-alike gold is as hard in every stage.)
+  look-alikes high-S(q) and hard. (A trained policy gives each look one name, so a look-alike gold
+  is hard whatever its distractors: with v1's uniform number of kin, many hard golds land in the
+  low-S(q) stage.)
 
 Files: `write_synthetic_split` writes `<split>.jsonl` (one `Question.to_record()` per line, image
 paths relative to the JSONL's folder), `images/<split>-<scene>.png` (questions of one scene share
@@ -116,19 +116,13 @@ BENCHMARKS = ("v1", "v2")
 # gallbladder / neck / fundus 0.73-0.81, the two liver lobes 0.96, common bile / common hepatic duct
 # 0.80, cystic duct / artery 0.68) share one look, the group's first member's, each further member
 # tinted by V2_LOOKALIKE_GAP in one channel, below the per-frame lighting jitter. The other members
-# (names 0.44-0.62 alike: Cystic Plate, Hepatic Artery, Liver) get a colour of their own, >= 120/255
-# from every other look (in v1 they were 50-71 from their kin, which a trained policy did not tell apart).
+# (names 0.44-0.62 alike: Cystic Plate, Hepatic Artery, Liver) keep their own v1 colour and texture.
 V2_LOOKALIKE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("Cystic Duct", "Cystic Artery"),
     ("Common Bile Duct", "Common Hepatic Duct"),
     ("Gallbladder", "Gallbladder Neck", "Gallbladder Fundus"),
     ("Right Liver Lobe", "Left Liver Lobe"),
 )
-V2_OWN_LOOKS: dict[str, tuple[tuple[int, int, int], str]] = {
-    "Liver": ((120, 0, 135), "plain"),
-    "Hepatic Artery": ((255, 0, 150), "vstripes"),
-    "Cystic Plate": ((105, 255, 120), "stripes"),
-}
 V2_LOOKALIKE_GAP = 12.0
 V2_GAIN = 0.15  # brightness factor uniform in [1 - V2_GAIN, 1 + V2_GAIN], one per frame
 V2_TINT_SIGMA = 14.0  # per-channel offset, one per frame
@@ -136,8 +130,6 @@ V2_TINT_SIGMA = 14.0  # per-channel offset, one per frame
 
 def _v2_looks() -> dict[str, Anatomy]:
     looks = dict(BY_NAME)
-    for name, (rgb, texture) in V2_OWN_LOOKS.items():
-        looks[name] = Anatomy(name, BY_NAME[name].family, rgb, texture)
     for group in V2_LOOKALIKE_GROUPS:
         base = BY_NAME[group[0]]
         for i, name in enumerate(group):

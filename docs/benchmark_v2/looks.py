@@ -30,7 +30,7 @@ def panel(benchmark: str) -> np.ndarray:
 fig, axes = plt.subplots(1, 2, figsize=(6.4, 8.5), dpi=80)
 for ax, bm in zip(axes, ("v1", "v2")):
     img = panel(bm)
-    ax.imshow(img)
+    ax.imshow(img, interpolation="nearest")
     ax.set_title(f"benchmark {bm}", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([58 * i + 29 for i in range(len(ANATOMIES))])

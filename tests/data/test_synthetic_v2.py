@@ -93,11 +93,11 @@ def test_v2_lookalike_gap_is_below_the_per_frame_jitter_and_other_looks_stay_apa
         if _same_group(x.name, y.name):
             assert lx.texture == ly.texture and gap <= V2_LOOKALIKE_GAP * 1.5
         else:
-            assert gap >= 80  # any other two looks: another colour (most also another texture)
+            assert gap >= 45 or lx.texture != ly.texture
     # the lighting moves one anatomy's mean colour from frame to frame by more than the look-alike gap
     jitter = _frame_means(gen, "Gallbladder").std(0)
     assert jitter.min() > V2_LOOKALIKE_GAP
-    assert 80 > 2.5 * np.linalg.norm(jitter)  # ... and well under the distance to any other look
+    assert 45 > 1.5 * np.linalg.norm(jitter)  # ... and well under the distance to any other look
 
 
 def test_v2_lookalikes_are_hard_and_the_rest_easy_for_a_colour_classifier() -> None:
