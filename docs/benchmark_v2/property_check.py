@@ -66,7 +66,8 @@ def main() -> None:
     base = summary(read(pred / "baseline.jsonl")) if (pred / "baseline.jsonl").exists() else None
     per_seed = {seed: summary(rows) for seed, rows in sorted(runs.items())}
     stages = sorted({k for s in per_seed.values() for k in s["stage"]})
-    lines = ["| run | overall | " + " | ".join(f"stage {k}" for k in stages) + " | stage 0 - last | Spearman S(q) vs error |",
+    header = " | ".join(f"stage {k}" for k in stages)
+    lines = [f"| run | overall | {header} | stage 0 - last | Spearman S(q) vs error |",
              "|---|---|" + "---|" * len(stages) + "---|---|"]
 
     def row(name: str, s: dict) -> str:
@@ -99,7 +100,8 @@ def main() -> None:
         err = np.array([0.0 if r["correct"] else 1.0 for r in pooled])
         means = [float(np.mean([s["stage"][st] for s in per_seed.values()])) for st in stages]
         mono_mean = all(a > b for a, b in zip(means, means[1:]))
-        mono_seeds = sum(all(s["stage"][a] > s["stage"][b] for a, b in zip(stages, stages[1:])) for s in per_seed.values())
+        steps = list(zip(stages, stages[1:]))
+        mono_seeds = sum(all(s["stage"][a] > s["stage"][b] for a, b in steps) for s in per_seed.values())
         lines += [
             "",
             f"- Spearman S(q) vs error, all {len(pooled)} (seed, question) pairs pooled: {spearman(sq, err):+.3f}",
@@ -121,7 +123,8 @@ def plot(per_seed: dict, base: dict | None, stages: list[int], path: Path) -> No
     fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=90)
     vals = np.array([[s["stage"][k] for k in stages] for s in per_seed.values()])
     se = vals.std(0, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else np.zeros(len(stages))
-    ax.bar(stages, vals.mean(0), yerr=se, color="#7fa7d9", capsize=4, label=f"plain GRPO, mean ± SE ({len(vals)} seeds)")
+    label = f"plain GRPO, mean ± SE ({len(vals)} seeds)"
+    ax.bar(stages, vals.mean(0), yerr=se, color="#7fa7d9", capsize=4, label=label)
     for seed, row in zip(per_seed, vals):
         ax.plot(stages, row, "o-", ms=3, lw=0.8, alpha=0.7, label=f"seed {seed}")
     if base:

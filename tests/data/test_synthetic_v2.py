@@ -24,7 +24,6 @@ from anatomy_lightning.data.synthetic import (
     V2_LOOKS,
     Scene,
     SceneGenerator,
-    write_synthetic_dataset,
 )
 
 DEMO = dict(grid=1, kinds=("position",), questions_per_scene=1, unique_scenes=False)  # configs/demo.yaml
