@@ -44,7 +44,7 @@ class SyntheticSettings:
     questions_per_scene: int = 2
     unique_scenes: bool = True  # grid 1 has only as many layouts as anatomies: set false there
     out_dir: str = "outputs/synthetic"
-    benchmark: str = "v1"  # v2: family members look alike under per-frame lighting (docs/benchmark_v2)
+    benchmark: str = "v1"  # v2: alike-named anatomies also look alike, under per-frame lighting (docs/benchmark_v2)
 
 
 class Augmenter(Protocol):
