@@ -59,6 +59,7 @@ class SyntheticSettings:
     questions_per_scene: int = 2
     unique_scenes: bool = True  # grid 1 has only as many layouts as anatomies: set false there
     out_dir: str = "outputs/synthetic"
+    benchmark: str = "v1"  # v2: alike-named anatomies also look alike, under per-frame lighting (docs/benchmark_v2)
 
 
 class Augmenter(Protocol):
@@ -313,7 +314,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return write_synthetic_dataset(
             s.out_dir, s.n_train, s.n_val, s.n_test, seed=s.seed,
             image_size=s.image_size, grid=s.grid, num_options=s.num_options, kinds=tuple(s.kinds),
-            questions_per_scene=s.questions_per_scene, unique_scenes=s.unique_scenes,
+            questions_per_scene=s.questions_per_scene, unique_scenes=s.unique_scenes, benchmark=s.benchmark,
         )
 
     def prepare_data(self) -> None:

@@ -36,6 +36,22 @@ high-S(q) and visually hard; one with distractors from other families is low-S(q
 Within a family colours are at most ~71/255 apart (Euclidean RGB), across families at least ~88.
 The optional tool (a grey "hook", rgb (170, 170, 180)) is drawn over one region.
 
+Benchmarks (`benchmark=`): "v1" (the default, the table above) turned out not to have the property
+the curriculum relies on: 71/255 apart under pixel noise of sigma 6, family members are as easy to
+tell apart as families, so after GRPO the highest-S(q) stage was not the hardest. "v2" makes visual
+difficulty follow name similarity (docs/benchmark_v2/README.md has the measurement and the designs
+that failed it):
+- looks are v1's, except that family members with alike names (`V2_LOOKALIKE_GROUPS`: MiniLM
+  cosine >= 0.65) share one look, `V2_LOOKALIKE_GAP` = 12/255 apart;
+- every frame gets its own illumination, a gain in [1 - `V2_GAIN`, 1 + `V2_GAIN`] and a per-channel
+  offset of sigma `V2_TINT_SIGMA` = 14: that jitter (>= 14/255 per channel, ~27 in all) exceeds the
+  look-alike gap, while any two other looks differ in texture (and by >= 38/255) or by >= 100/255;
+- a question's distractors are every kin of the gold that fits, the rest from other families, so
+  S(q) follows the gold: singletons are low-S(q) and easy, members with a look of their own medium,
+  look-alikes high-S(q) and hard. (A trained policy gives each look one name, so a look-alike gold
+  is hard whatever its distractors: with v1's uniform number of kin, many hard golds land in the
+  low-S(q) stage.)
+
 Files: `write_synthetic_split` writes `<split>.jsonl` (one `Question.to_record()` per line, image
 paths relative to the JSONL's folder), `images/<split>-<scene>.png` (questions of one scene share
 it) and `<split>.manifest.json`, which lets a second call with the same content skip all work.
@@ -95,6 +111,37 @@ BY_NAME: dict[str, Anatomy] = {a.name: a for a in ANATOMIES}
 FAMILIES: dict[str, tuple[Anatomy, ...]] = {
     fam: tuple(a for a in ANATOMIES if a.family == fam) for fam in dict.fromkeys(a.family for a in ANATOMIES)
 }
+BENCHMARKS = ("v1", "v2")
+# v2 looks: v1's, except that family members whose names are alike (all-MiniLM-L6-v2 cosine >= 0.65:
+# gallbladder / neck / fundus 0.73-0.81, the two liver lobes 0.96, common bile / common hepatic duct
+# 0.80, cystic duct / artery 0.68) share one look, the group's first member's, each further member
+# tinted by V2_LOOKALIKE_GAP in one channel, below the per-frame lighting jitter. The other members
+# (names 0.44-0.62 alike: Cystic Plate, Hepatic Artery, Liver) keep their own v1 colour and texture.
+V2_LOOKALIKE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("Cystic Duct", "Cystic Artery"),
+    ("Common Bile Duct", "Common Hepatic Duct"),
+    ("Gallbladder", "Gallbladder Neck", "Gallbladder Fundus"),
+    ("Right Liver Lobe", "Left Liver Lobe"),
+)
+V2_LOOKALIKE_GAP = 12.0
+V2_GAIN = 0.15  # brightness factor uniform in [1 - V2_GAIN, 1 + V2_GAIN], one per frame
+V2_TINT_SIGMA = 14.0  # per-channel offset, one per frame
+
+
+def _v2_looks() -> dict[str, Anatomy]:
+    looks = dict(BY_NAME)
+    for group in V2_LOOKALIKE_GROUPS:
+        base = BY_NAME[group[0]]
+        for i, name in enumerate(group):
+            tint = [0.0, 0.0, 0.0]
+            if i:
+                tint[i - 1] = V2_LOOKALIKE_GAP
+            rgb = tuple(int(v + t) for v, t in zip(base.rgb, tint))
+            looks[name] = Anatomy(name, base.family, rgb, base.texture)  # type: ignore[arg-type]
+    return looks
+
+
+V2_LOOKS: dict[str, Anatomy] = _v2_looks()
 TEXTURES = ("plain", "stripes", "vstripes", "dots", "checker")
 TEXTURE_DEPTH = 0.45  # textured pixels are darkened by this share of their colour
 TOOL_NAME, TOOL_RGB = "hook", (170, 170, 180)
@@ -168,9 +215,12 @@ class SceneGenerator:
         tool: bool = False,
         questions_per_scene: int = 2,
         unique_scenes: bool = True,
+        benchmark: str = "v1",
     ) -> None:
         kinds = tuple(kinds)
         problems = []
+        if benchmark not in BENCHMARKS:
+            problems.append(f"benchmark={benchmark!r}: use one of {list(BENCHMARKS)}")
         if image_size < 16:  # processors resize to their own patch grid (Qwen2.5-VL 28, Qwen3-VL 32, ...)
             problems.append(f"image_size={image_size}: use at least 16 pixels, ideally a multiple of the model's "
                             "patch x merge size (56 for Qwen2.5-VL, 64 for Qwen3-VL)")
@@ -194,6 +244,8 @@ class SceneGenerator:
         self.seed, self.image_size, self.grid, self.num_options = seed, image_size, grid, num_options
         self.noise, self.kinds, self.tool = float(noise), kinds, tool
         self.questions_per_scene, self.unique_scenes = questions_per_scene, unique_scenes
+        self.benchmark = benchmark
+        self._looks = BY_NAME if benchmark == "v1" else V2_LOOKS
         self._rng = random.Random(seed)
         self._seen: set[tuple[tuple[str, ...], int | None]] = set()
         self._n_scenes = 0
@@ -233,14 +285,24 @@ class SceneGenerator:
         for idx, name in enumerate(scene.layout):
             r, c = divmod(idx, grid)
             ys, xs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
-            a = BY_NAME[name]
+            a = self._looks[name]
             img[ys, xs] = np.asarray(a.rgb, np.float32) * masks[a.texture][ys, xs]
         if scene.tool_cell is not None:
             r, c = divmod(scene.tool_cell, grid)
             self._draw_hook(img, edges[r], edges[c], edges[r + 1] - edges[r])
+        noise_rng = np.random.default_rng(scene.noise_seed)
         if self.noise > 0:
-            img += np.random.default_rng(scene.noise_seed).normal(0.0, self.noise, img.shape).astype(np.float32)
+            img += noise_rng.normal(0.0, self.noise, img.shape).astype(np.float32)
+        if self.benchmark == "v2":  # drawn after the pixel noise: v1's noise stream is untouched
+            gain, tint = self.illumination(noise_rng)
+            img = img * gain + tint
         return Image.fromarray(np.clip(img.round(), 0, 255).astype(np.uint8), "RGB")
+
+    @staticmethod
+    def illumination(rng: np.random.Generator) -> tuple[float, np.ndarray]:
+        """v2's per-frame lighting: a brightness gain and a per-channel offset (float32, shape (3,))."""
+        gain = float(rng.uniform(1.0 - V2_GAIN, 1.0 + V2_GAIN))
+        return gain, rng.normal(0.0, V2_TINT_SIGMA, 3).astype(np.float32)
 
     @staticmethod
     def _draw_hook(img: np.ndarray, top: int, left: int, cell: int) -> None:
@@ -303,10 +365,14 @@ class SceneGenerator:
         return out
 
     def _options(self, gold: Anatomy) -> tuple[list[str], int, int]:
-        """Gold plus distractors: a uniform number of same-family (hard) ones, the rest from other families."""
+        """Gold plus distractors: some same-family (hard) ones, the rest from other families.
+
+        v1 draws a uniform number of same-family distractors; v2 takes as many as fit.
+        """
         rng, k = self._rng, self.num_options
         kin = [a for a in FAMILIES[gold.family] if a is not gold]
-        n_hard = rng.randint(0, min(k - 1, len(kin)))
+        # v2: always every kin that fits, so S(q) follows the gold (see the module docstring)
+        n_hard = min(k - 1, len(kin)) if self.benchmark == "v2" else rng.randint(0, min(k - 1, len(kin)))
         distractors = rng.sample(kin, n_hard) + rng.sample(self._others[gold.family], k - 1 - n_hard)
         rng.shuffle(distractors)
         if not self._gold_deck:
@@ -336,7 +402,10 @@ class SceneGenerator:
 
     def render_settings(self) -> dict[str, Any]:
         """Everything besides the JSONL text that decides the image bytes (recorded in the manifest)."""
-        return {"image_size": self.image_size, "noise": self.noise, "format_version": FORMAT_VERSION}
+        settings = {"image_size": self.image_size, "noise": self.noise, "format_version": FORMAT_VERSION}
+        if self.benchmark != "v1":  # v1's manifest stays byte for byte what it was
+            settings["benchmark"] = self.benchmark
+        return settings
 
 
 # -- files -------------------------------------------------------------------------------------
