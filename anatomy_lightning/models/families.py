@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -204,16 +204,14 @@ FAMILIES: tuple[ModelFamily, ...] = (
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
-@dataclass
 class UnsupportedModelError(ValueError):
-    model_type: str
-    source: str = ""
-    supported: list[str] = field(default_factory=lambda: [f.name for f in FAMILIES])
+    """A `model_type` no family describes; the message lists the supported families."""
 
-    def __str__(self) -> str:
-        where = f" ({self.source})" if self.source else ""
-        return (f"model type {self.model_type!r}{where} is not a supported family; supported: "
-                f"{', '.join(self.supported)}")
+    def __init__(self, model_type: str, source: str = "") -> None:
+        where = f" ({source})" if source else ""
+        super().__init__(f"model type {model_type!r}{where} is not a supported family; supported: "
+                         f"{', '.join(f.name for f in FAMILIES)}")
+        self.model_type = model_type
 
 
 def family_for_type(model_type: str, source: str = "") -> ModelFamily:

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
 from anatomy_lightning.models.tiny import CHAT_TEMPLATE as QWEN2_CHAT_TEMPLATE
-from anatomy_lightning.models.tiny import (
-    FORMAT_TOKENS, TINY_VOCAB_SIZE, _corpus, build_tiny_model, mrope_section, save_checkpoint_atomically,
-)
+from anatomy_lightning.models.tiny import build_tiny_model, mrope_section, save_checkpoint_atomically, train_bpe
 
 STANDIN_FAMILIES: tuple[str, ...] = (
     "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "gemma3", "idefics3", "llava-onevision",
@@ -78,17 +75,7 @@ def build_family_tokenizer(
     """Byte-level BPE on the built-in corpus with `special_tokens` first (ids 0..n-1), the answer tags
     as non-special added tokens, and `named` extra special tokens exposed as tokenizer attributes
     (e.g. Gemma 3's `boi_token`, which its processor reads) that survive save/load."""
-    tok = Tokenizer(models.BPE(unk_token=unk) if unk else models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE - len(FORMAT_TOKENS),
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
+    tok = train_bpe(special_tokens, unk)
     role_tokens = {eos, pad, bos, unk} | set((named or {}).values())
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -222,21 +222,27 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (~2k ids) with Qwen's special tokens and the answer tags as single ids."""
-    tok = Tokenizer(models.BPE())
+def train_bpe(special_tokens: list[str] | tuple[str, ...], unk: str | None = None) -> Tokenizer:
+    """Byte-level BPE on the built-in corpus: `special_tokens` first (ids 0..n-1), then the merges,
+    then the answer tags as non-special added tokens (so decoding keeps them)."""
+    tok = Tokenizer(models.BPE(unk_token=unk) if unk else models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB_SIZE - len(FORMAT_TOKENS),
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte (so A-F) is one token
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
+    return tok
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (~2k ids) with Qwen's special tokens and the answer tags as single ids."""
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_bpe(QWEN_SPECIAL_TOKENS),
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         bos_token=None,
