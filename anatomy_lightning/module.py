@@ -473,16 +473,17 @@ class GRPOModule(L.LightningModule):
         frac_reward_zero_std, kl, entropy, clip_ratio/*, completions/*, num_tokens), plus ours."""
         tokens = torch.tensor(float(_prompt_tokens(ro)), device=self.device) + ro.completion_mask.sum().to(self.device)
         self.num_tokens += int(global_token_count(tokens))  # every rank calls it (all_reduce under DDP)
-        lengths = ro.lengths.float()
+        completions = completion_length_metrics(ro.lengths, ro.truncated)
         logs: dict[str, Any] = {
             **reward_metrics(rewards, per_fn),  # reward, rewards/<fn>/mean|std (NaN = unscored, left out)
             **adv.metrics(),  # reward_std, frac_reward_zero_std
-            **completion_length_metrics(ro.lengths, ro.truncated),
+            **completions,
+            # our earlier tags for the same quantities
             "invalid_gradient_ratio": 1.0 - adv.has_signal.float().mean(),
-            "completion_length/mean": lengths.mean(),
-            "completion_length/min": lengths.min(),
-            "completion_length/max": lengths.max(),
-            "truncated_share": ro.truncated.float().mean(),
+            "completion_length/mean": completions["completions/mean_length"],
+            "completion_length/min": completions["completions/min_length"],
+            "completion_length/max": completions["completions/max_length"],
+            "truncated_share": completions["completions/clipped_ratio"],
             "non_finite_steps": float(self.non_finite_steps),
             "num_tokens": float(self.num_tokens),
             "lr": self.optimizers().param_groups[0]["lr"],

@@ -35,12 +35,9 @@ def _duration(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
-def _metric(trainer: L.Trainer, *names: str) -> float | None:
-    for name in names:
-        value = trainer.callback_metrics.get(name)
-        if value is not None:
-            return float(value)
-    return None
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
 
 
 class StepProgressBar(TQDMProgressBar):

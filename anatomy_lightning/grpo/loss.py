@@ -222,19 +222,22 @@ def global_token_count(mask: Tensor) -> Tensor:
     return count
 
 
-def high_entropy_threshold(entropy: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor:
+def high_entropy_threshold(
+    entropy: Tensor, mask: Tensor, top_entropy_quantile: float, across_ranks: bool = True
+) -> Tensor:
     """The (1 - rho) quantile of the live tokens' entropies, over all ranks (TRL semantics).
 
     Tokens with entropy >= the threshold keep their policy loss. rho = 1 keeps everything
     (threshold -inf), rho = 0 only the highest-entropy token(s). With no live token the threshold
-    is +inf (nothing kept). Every rank must call it when torch.distributed is initialised.
+    is +inf (nothing kept). Every rank must call it when torch.distributed is initialised, unless
+    `across_ranks` is False (these rows only, no collective call).
     """
     if not 0.0 <= top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
     if top_entropy_quantile >= 1.0:
         return torch.tensor(-math.inf, device=entropy.device)
     local = entropy.detach()[mask.bool()].float()
-    if _world() > 1:  # ranks hold different token counts: gather padded, then drop the padding
+    if across_ranks and _world() > 1:  # ranks hold different token counts: gather padded, then drop the padding
         n = torch.tensor([local.numel()], device=local.device)
         sizes = [torch.zeros_like(n) for _ in range(_world())]
         dist.all_gather(sizes, n)
@@ -440,13 +443,12 @@ def grpo_loss(
     if ent is not None and (top_entropy_quantile < 1.0 or entropy_threshold is not None):
         thr = entropy_threshold
         if thr is None:
-            thr = _local_threshold(ent, live, top_entropy_quantile)
+            thr = high_entropy_threshold(ent, live, top_entropy_quantile, across_ranks=False)
         per_token = per_token * ((ent >= torch.as_tensor(thr, dtype=ent.dtype, device=ent.device)) & live).to(lp.dtype)
 
     use_kl = beta != 0 and ref_logp is not None
     if use_kl:
         kl = kl_k3(lp, torch.where(live, ref_logp.to(logp.dtype), zero))  # 0 on padding
-        kl = torch.where(live, kl, torch.zeros_like(kl))
         if use_bias_correction_kl:
             kl = kl * ratio
         per_token = per_token + beta * kl
@@ -494,14 +496,6 @@ def grpo_loss(
                 out.maxs["clip_ratio/high_max"] = float(per_seq.max()) if per_seq.numel() else -math.inf
     out.metrics.update(_finish(out.sums, out.counts, out.mins, out.maxs))
     return out
-
-
-def _local_threshold(ent: Tensor, live: Tensor, top_entropy_quantile: float) -> Tensor:
-    """`high_entropy_threshold` over these rows only, without any collective call."""
-    values = ent[live].float()
-    if values.numel() == 0:
-        return torch.tensor(math.inf)
-    return torch.quantile(values, 1.0 - top_entropy_quantile)
 
 
 def _finish(

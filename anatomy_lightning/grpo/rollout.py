@@ -27,12 +27,11 @@ the fast path is tested against.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import functools
 
 import torch
 from torch import Tensor
