@@ -22,7 +22,7 @@ import torch
 
 from anatomy_lightning.data.images import load_image
 from anatomy_lightning.data.schema import LETTERS, Question
-from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, encode_prompts
+from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, append_tokens, encode_prompts
 from anatomy_lightning.models.families import family_of
 from anatomy_lightning.models.loading import load_policy
 
@@ -93,11 +93,7 @@ def format_warm_start(
         targets = tok([format_target(q, rng, answer_form) + end_of_turn for q in batch], add_special_tokens=False, padding=True, return_tensors="pt")
         tok.padding_side = "left"
         t_ids, t_mask = targets["input_ids"], targets["attention_mask"]
-        inputs = dict(prompt)
-        for key, value in prompt.items():  # per-token tensors (token types) continue over the target as text
-            if isinstance(value, torch.Tensor) and value.shape == prompt["input_ids"].shape:
-                extra = {"input_ids": t_ids, "attention_mask": t_mask}.get(key, torch.zeros_like(t_ids))
-                inputs[key] = torch.cat([value, extra.to(value.dtype)], 1)
+        inputs = append_tokens(prompt, t_ids, t_mask)  # the target follows the prompt as text
         labels = torch.cat([torch.full_like(prompt["input_ids"], -100), t_ids.masked_fill(t_mask == 0, -100)], 1)
         loss = policy(**inputs, labels=labels).loss
         opt.zero_grad()

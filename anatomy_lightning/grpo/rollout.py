@@ -540,17 +540,24 @@ def sequence_inputs(
     and everything after them out of the loss.
     """
     seq = expand_prompts(rollout.prompt_inputs, rollout.group_size, image_token_id, merge)
-    prompt = seq.tensors
-    comp = rollout.completion_ids.clone()
-    for v in vision_ids:
-        comp[comp == v] = pad_id
-    prompt_mask = prompt["attention_mask"]
-    prompt["input_ids"] = torch.cat([prompt["input_ids"], comp], dim=1)
-    prompt["attention_mask"] = torch.cat([prompt_mask, rollout.completion_mask.to(prompt_mask.dtype)], dim=1)
-    if "mm_token_type_ids" in prompt:
-        zeros = torch.zeros_like(comp, dtype=prompt["mm_token_type_ids"].dtype)
-        prompt["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], zeros], dim=1)
+    comp = mask_vision_tokens(rollout.completion_ids, vision_ids, pad_id)
+    seq.tensors.update(append_tokens(seq.tensors, comp, rollout.completion_mask))
     return seq
+
+
+def append_tokens(inputs: dict[str, Tensor], ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Processor inputs with `ids` (attention `mask`) appended to every row, as plain text: the
+    other per-token integer tensors (token types) continue with zeros; images are untouched."""
+    prompt_ids = inputs["input_ids"]
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if (key not in ("input_ids", "attention_mask") and isinstance(value, Tensor)
+                and not value.is_floating_point() and value.shape == prompt_ids.shape):
+            out[key] = torch.cat([value, torch.zeros_like(ids, dtype=value.dtype)], dim=1)
+    out["input_ids"] = torch.cat([prompt_ids, ids.to(prompt_ids.dtype)], dim=1)
+    prompt_mask = inputs["attention_mask"]
+    out["attention_mask"] = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    return out
 
 
 def vision_token_guard(completion_ids: Tensor, vision_ids: Sequence[int]) -> Tensor:
@@ -692,13 +699,7 @@ def _plain_logprobs(
         seq = expand_prompts(ro.prompt_inputs, ro.group_size, getattr(cfg, "image_token_id", -1), merge)
         batch = dict(seq.rows(rows.start, rows.stop))
     C = inputs.shape[1]
-    prompt_ids = batch["input_ids"]
-    for key, value in list(batch.items()):  # (b, P) per-token tensors continue over the completion
-        if key not in ("input_ids", "attention_mask") and isinstance(value, Tensor) and value.shape == prompt_ids.shape:
-            batch[key] = torch.cat([value, torch.zeros_like(inputs, dtype=value.dtype)], dim=1)
-    prompt_mask = batch["attention_mask"]
-    batch["input_ids"] = torch.cat([prompt_ids, inputs], dim=1)
-    batch["attention_mask"] = torch.cat([prompt_mask, ro.completion_mask[rows].to(prompt_mask.dtype)], dim=1)
+    batch = append_tokens(batch, inputs, ro.completion_mask[rows])
     if family.positions_from_mask:
         full = batch["attention_mask"].long()
         batch["position_ids"] = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
