@@ -272,7 +272,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
             format=self.format,
             on_bad_record=self.on_bad_record,
             image_root=image_root,
-            check_images=self.check_images,
+            check_images=False,  # the pre-flight below probes every image itself; the missing list is unused here
             fields=self.fields,
         )
         if report.skipped:
@@ -415,11 +415,13 @@ class AnatomyVQADataModule(L.LightningDataModule):
         everything = self.train_questions + self.val_questions + self.test_questions
         if not everything:
             raise DataError("data: no questions were loaded")
-        scorer = SimilarityScorer(
+        self._scorer().score(everything)
+        self._assign_stages()
+
+    def _scorer(self) -> SimilarityScorer:
+        return SimilarityScorer(
             self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
         )
-        scorer.score(everything)
-        self._assign_stages()
 
     def _assign_stages(self) -> None:
         """Stages from the training set's S(q) quantiles (every question is scored already)."""
@@ -502,9 +504,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         path = self.hparams.get("predict_file")
         if path:
             questions = self._load(path, self.image_root)
-            SimilarityScorer(
-                self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
-            ).score(questions)
+            self._scorer().score(questions)
             for q in questions:
                 q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds) if self.stage_thresholds else 0
         else:

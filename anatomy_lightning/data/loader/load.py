@@ -9,7 +9,7 @@ from pathlib import Path
 from anatomy_lightning.data.loader.base import Context
 from anatomy_lightning.data.loader.document import Raw, parse_document, read_text
 from anatomy_lightning.data.loader.fields import FieldMap, kind
-from anatomy_lightning.data.loader.formats import FORMATS, PARSERS, detect_format, format_of
+from anatomy_lightning.data.loader.formats import DETECT_RECORDS, FORMATS, PARSERS, detect_format, format_of
 from anatomy_lightning.data.loader.options import check_duplicates
 from anatomy_lightning.data.loader.report import (
     DUPLICATE,
@@ -92,8 +92,8 @@ def load_questions(
 
     `fields` maps our field names onto the file's keys or dotted paths (`data.fields`); with it the
     format defaults to generic. Missing image files are listed in `report.missing_images` (not
-    raised here), so callers decide whether that is fatal (training) or worth reporting
-    (`inspect_data`); decoding them is `images.check_images`'s job.
+    raised here), for `inspect_data` to report; training skips this list and runs the fuller
+    pre-flight `images.probe_images` (folders, empty and undecodable files too).
     """
     if format not in FORMATS:
         raise DataError(f"format={format!r} is not supported; use one of {list(FORMATS)}")
@@ -104,8 +104,9 @@ def load_questions(
     raws = parse_document(file, read_text(file), lambda d: format_of(mapping.apply(d)) is not None)
     if not raws:
         raise DataError(f"{file}: the file holds no records; expected a JSON list of records or JSON Lines")
-    values = [mapping.apply(r.value) if isinstance(r.value, dict) else r.value for r in raws]
-    detected = detect_format(values)
+    # only the leading records vote; each record is mapped again when it is read
+    detected = detect_format([mapping.apply(r.value) if isinstance(r.value, dict) else r.value
+                              for r in raws[:DETECT_RECORDS]])
     fmt = format if format != "auto" else "generic" if mapping else detected
     if fmt is None:
         raise DataError(_no_format_message(file, raws))
