@@ -62,7 +62,7 @@ _SYNTHETIC_RULES: tuple[_Rule, ...] = (
     ("n_train", lambda v: v >= 1, "an integer >= 1"),
     ("n_val", lambda v: v >= 0, "an integer >= 0"),
     ("n_test", lambda v: v >= 0, "an integer >= 0"),
-    ("image_size", lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    ("image_size", lambda v: v >= 16, "an integer >= 16 (pixels)"),
     ("grid", lambda v: v >= 1, "an integer >= 1"),
     ("num_options", lambda v: 2 <= v <= 6, "an integer from 2 to 6"),
     ("questions_per_scene", lambda v: v >= 1, "an integer >= 1"),
