@@ -42,6 +42,7 @@ from anatomy_lightning.grpo.loss import (
     grpo_loss,
     high_entropy_threshold,
 )
+from anatomy_lightning.grpo.dynamic_sampling import Piece, Selection, dynamic_sample, merge_pieces
 from anatomy_lightning.grpo.rewards import RewardComputer, extract_choice, reward_metrics
 from anatomy_lightning.grpo.rollout import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -51,6 +52,7 @@ from anatomy_lightning.grpo.rollout import (
     generate,
     generate_hf,
     mask_vision_tokens,
+    rollout_with_completions,
     rollout_logprobs,
     vision_frozen,
     vision_token_guard,
@@ -132,6 +134,10 @@ class GRPOModule(L.LightningModule):
         scale_rewards: "group" (true) divides advantages by the group std, "batch" by the batch std,
             "none" (false) not at all (Dr. GRPO).
         std_tol: a group whose reward std is below this has no learning signal.
+        dynamic_sample: replace the groups without signal by fresh prompts from the training pool
+            in play, rolled out in the same step (ms-swift's `dynamic_sample`, DAPO's dynamic
+            sampling); every generated completion counts in `train/completions`.
+        max_resample_times: resampling rounds per step; after them no-signal groups fill the batch.
         loss_type: grpo | bnpo | dapo | dr_grpo | gpg (see grpo.loss).
         beta: KL coefficient (k3 estimator); 0 skips the reference forward entirely.
         epsilon_low / epsilon_high: clip range of the importance ratio.
@@ -171,6 +177,8 @@ class GRPOModule(L.LightningModule):
         rewards: dict[str, float] | None = DEFAULT_REWARDS,
         scale_rewards: bool | str = "group",
         std_tol: float = 1e-6,
+        dynamic_sample: bool = False,
+        max_resample_times: int = 3,
         loss_type: str = "grpo",
         beta: float = 0.04,
         epsilon_low: float = 0.2,
@@ -194,6 +202,8 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         if num_generations < 2:
             raise ValueError(f"model.num_generations must be >= 2 for group advantages, got {num_generations}")
+        if max_resample_times < 0:
+            raise ValueError(f"model.max_resample_times must be >= 0, got {max_resample_times}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
         if lr_schedule not in LR_SCHEDULES:
@@ -228,6 +238,8 @@ class GRPOModule(L.LightningModule):
         self.cli_optimizer: dict[str, Any] | None = None
         self.cli_lr_scheduler: dict[str, Any] | None = None
         self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens seen so far
+        self.completions_generated = 0  # every sampled completion of this rank (resampled ones too)
+        self.completions_total = 0  # the same over every rank (logged as train/completions)
         self._logger_step_checked = False
 
     def use_trainer_gradient_settings(
@@ -326,24 +338,70 @@ class GRPOModule(L.LightningModule):
         )
         if self.family.fast_path:
             return generate(self.policy, self.processor, self.encode(questions), **settings)
-        # generic path: the processor encodes each prompt once per completion, so any image layout
-        # (tiles, several images, image masks) stays aligned with its row; chunks are re-encoded
+        inputs, row_inputs = self._expanded_inputs(questions, G)
+        return generate_hf(self.policy, self.processor, inputs, expanded=True, row_inputs=row_inputs, **settings)
+
+    def _expanded_inputs(self, questions: list[Question], G: int) -> tuple[dict[str, Tensor], Any]:
+        """Generic path: the processor encodes each prompt once per completion, so any image layout
+        (tiles, several images, image masks) stays aligned with its row; chunks are re-encoded."""
         rows = [q for q in questions for _ in range(G)]
         inputs = self.encode(rows)
         row_inputs = lambda s, e: inputs if s == 0 and e >= len(rows) else self.encode(rows[s:e])  # noqa: E731
-        return generate_hf(self.policy, self.processor, inputs, expanded=True, row_inputs=row_inputs, **settings)
+        return inputs, row_inputs
 
     def score(self, rollout: Rollout, questions: list[Question]) -> tuple[Tensor, dict[str, Tensor]]:
         expanded = [q for q in questions for _ in range(rollout.group_size)]
         total, per_fn = self.reward_computer(rollout.texts, expanded)
         return total.to(self.device), {k: v.to(self.device) for k, v in per_fn.items()}
 
+    # -- dynamic sampling ------------------------------------------------------------------------
+    def _piece(self, questions: list[Question]) -> Piece:
+        """Roll out and score `questions`: one Piece of a (dynamically sampled) step."""
+        hp = self.hparams
+        ro = self.rollout(questions)
+        rewards, per_fn = self.score(ro, questions)  # NaN where no reward function could score
+        signal = group_advantages(rewards, hp.num_generations, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
+        return Piece(questions, ro, rewards, per_fn, signal.has_signal.cpu())
+
+    def _resample(self, n: int, round_: int) -> Piece | None:
+        draw = getattr(self.trainer.datamodule, "resample_questions", None) if self._trainer is not None else None
+        if draw is None:
+            raise ValueError(
+                "model.dynamic_sample needs a datamodule with resample_questions(n, key) "
+                "(AnatomyVQADataModule has it); set model.dynamic_sample: false"
+            )
+        questions = draw(n, f"{self.global_step}/{round_}")
+        return self._piece(questions) if questions else None
+
+    def _sample_step(self, batch: list[Question]) -> tuple[list[Question], Rollout, Tensor, dict[str, Tensor], Selection]:
+        """The step's rollout: the batch's, or with `dynamic_sample` the groups with signal of
+        several rollouts merged into one (see grpo.dynamic_sampling)."""
+        hp = self.hparams
+        first = self._piece(batch)
+        rounds = hp.max_resample_times if hp.dynamic_sample else 0
+        sel = dynamic_sample(first, self._resample, rounds)
+        if sel.unchanged:
+            return batch, first.rollout, first.rewards, first.per_fn, sel
+        return (*self._merged_rollout(sel), sel)
+
+    def _merged_rollout(self, sel: Selection) -> tuple[list[Question], Rollout, Tensor, dict[str, Tensor]]:
+        """The picked groups of several rollouts as one Rollout (prompts re-encoded, completions as sampled)."""
+        questions, ids, mask, truncated, texts, rewards, per_fn = merge_pieces(sel, self.processor.tokenizer.pad_token_id)
+        G = self.hparams.num_generations
+        if self.family.fast_path:
+            inputs, row_inputs = self.encode(questions), None
+        else:
+            inputs, row_inputs = self._expanded_inputs(questions, G)
+        ro = rollout_with_completions(self.policy, inputs, ids, mask, truncated, texts, G, row_inputs)
+        return questions, ro, rewards, per_fn
+
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: list[Question], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
         G = hp.num_generations
-        ro = self.rollout(batch)
-        rewards, per_fn = self.score(ro, batch)  # NaN where no reward function could score
+        sampled = batch
+        batch, ro, rewards, per_fn, sel = self._sample_step(batch)
+        self.completions_generated += sel.generated
         adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
 
         mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
@@ -443,8 +501,16 @@ class GRPOModule(L.LightningModule):
                 sched.step()
             metrics["grad_norm"] = grad_norm
 
-        self._log_train(ro, batch, rewards, per_fn, adv, metrics, mask)
-        return {"group_rewards": rewards.detach().view(-1, G).cpu()}
+        if hp.dynamic_sample:
+            metrics["dynamic_sample/rounds"] = float(sel.rounds)
+            metrics["dynamic_sample/filled_without_signal"] = float(sel.filled_without_signal)
+            metrics["dynamic_sample/first_invalid_ratio"] = 1.0 - float(sel.first.has_signal.float().mean())
+        self._log_train(ro, batch, rewards, per_fn, adv, metrics, mask, sel.generated)
+        out = {"group_rewards": rewards.detach().view(-1, G).cpu(), "questions": batch}
+        if batch is not sampled:  # what the data scheduled, before dynamic sampling replaced groups
+            out["sampled_questions"] = sampled
+            out["sampled_group_rewards"] = sel.first.rewards.detach().view(-1, G).cpu()
+        return out
 
     def _skip_step(self, opt: Any, why: str) -> None:
         """Drop this step's gradients (and those accumulated with them) and count the skip."""
@@ -467,12 +533,14 @@ class GRPOModule(L.LightningModule):
 
     def _log_train(
         self, ro: Rollout, batch: list[Question], rewards: Tensor, per_fn: dict[str, Tensor], adv: Any,
-        metrics: dict[str, float], mask: Tensor,
+        metrics: dict[str, float], mask: Tensor, generated: int,
     ) -> None:
         """`train/*` with TRL's tags and meanings (reward, rewards/<fn>/mean|std, reward_std,
         frac_reward_zero_std, kl, entropy, clip_ratio/*, completions/*, num_tokens), plus ours."""
         tokens = torch.tensor(float(_prompt_tokens(ro)), device=self.device) + ro.completion_mask.sum().to(self.device)
         self.num_tokens += int(global_token_count(tokens))  # every rank calls it (all_reduce under DDP)
+        # completions sampled so far, every rank and resampling round: the compute the ablation equalises
+        self.completions_total += int(global_token_count(torch.tensor(float(generated), device=self.device)))
         completions = completion_length_metrics(ro.lengths, ro.truncated)
         logs: dict[str, Any] = {
             **reward_metrics(rewards, per_fn),  # reward, rewards/<fn>/mean|std (NaN = unscored, left out)
@@ -486,6 +554,7 @@ class GRPOModule(L.LightningModule):
             "truncated_share": completions["completions/clipped_ratio"],
             "non_finite_steps": float(self.non_finite_steps),
             "num_tokens": float(self.num_tokens),
+            "completions": float(self.completions_total),
             "lr": self.optimizers().param_groups[0]["lr"],
             **metrics,
         }
@@ -668,6 +737,8 @@ class GRPOModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["non_finite_steps"] = self.non_finite_steps
         checkpoint["num_tokens"] = self.num_tokens
+        checkpoint["completions_generated"] = self.completions_generated
+        checkpoint["completions_total"] = self.completions_total
         if isinstance(self.logger, TensorBoardLogger):  # `fit --ckpt_path` continues this TensorBoard run
             checkpoint["tensorboard_version"] = self.logger.version
 
@@ -675,6 +746,8 @@ class GRPOModule(L.LightningModule):
         check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
         self.non_finite_steps = checkpoint.get("non_finite_steps", 0)
         self.num_tokens = checkpoint.get("num_tokens", 0)
+        self.completions_generated = checkpoint.get("completions_generated", 0)
+        self.completions_total = checkpoint.get("completions_total", 0)
 
     def on_train_start(self) -> None:
         self._logger_step_checked = False

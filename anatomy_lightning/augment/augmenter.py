@@ -69,22 +69,33 @@ def hard_groups(
 
 
 def group_signal_stats(
-    questions: Sequence[Question], group_rewards: Tensor, std_tol: float = 1e-6
+    questions: Sequence[Question], group_rewards: Tensor, std_tol: float = 1e-6, right_reward_threshold: float = 1.0
 ) -> dict[str, float]:
-    """Invalid gradient ratio (share of zero-spread groups), overall and per anatomy class, plus
-    mean reward of augmented and of original questions where the batch has them."""
+    """Invalid gradient ratio (share of zero-spread groups), overall and per anatomy class, split
+    into all-wrong groups (`invalid_all_wrong`: the paper's "no signal on a hard question") and
+    all-right ones (`invalid_all_right`: nothing left to learn), plus the mean reward of augmented
+    and of original questions where the batch has them. The split follows `hard_groups`: a
+    zero-spread group is all right when its mean reward reaches `right_reward_threshold`."""
     _check_shapes(questions, group_rewards)
     if not questions:
         return {}
     rewards = group_rewards.detach().float().cpu()
-    invalid = (_spread(rewards) < std_tol).tolist()
+    flat = _spread(rewards) < std_tol
+    right = rewards.mean(dim=1) >= right_reward_threshold - std_tol
+    kinds = {
+        "invalid_gradient_ratio": flat.tolist(),
+        "invalid_all_wrong": (flat & ~right).tolist(),
+        "invalid_all_right": (flat & right).tolist(),
+    }
     means = rewards.mean(dim=1).tolist()
-    stats = {"invalid_gradient_ratio": sum(invalid) / len(invalid)}
-    by_class: dict[str, list[bool]] = {}
-    for q, bad in zip(questions, invalid):
-        by_class.setdefault(q.anatomy, []).append(bad)
-    for name in sorted(by_class):
-        stats[f"invalid_gradient_ratio/{name}"] = sum(by_class[name]) / len(by_class[name])
+    stats: dict[str, float] = {}
+    for kind, flags in kinds.items():
+        stats[kind] = sum(flags) / len(flags)
+        by_class: dict[str, list[bool]] = {}
+        for q, bad in zip(questions, flags):
+            by_class.setdefault(q.anatomy, []).append(bad)
+        for name in sorted(by_class):
+            stats[f"{kind}/{name}"] = sum(by_class[name]) / len(by_class[name])
     for key, flag in (("reward/augmented", True), ("reward/original", False)):
         rows = [m for q, m in zip(questions, means) if bool(q.metadata.get("augmented")) is flag]
         if rows:

@@ -147,7 +147,8 @@ class GroupDiversityCallback(Callback):
                 f"tensor of the batch's rewards; got {type(outputs).__name__} "
                 f"{sorted(outputs) if isinstance(outputs, Mapping) else ''}"
             )
-        questions, rewards = _gather(_questions(batch), rewards.detach().float().cpu())
+        trained = outputs.get("questions")  # the module's, when dynamic sampling replaced groups
+        questions, rewards = _gather(trained if trained is not None else _questions(batch), rewards.detach().float().cpu())
         enqueued = self.augmenter.observe(questions, rewards, step=trainer.global_step)
         if batch_idx % self.log_every_n_steps:
             return
@@ -157,7 +158,7 @@ class GroupDiversityCallback(Callback):
             "augment/batch_share": sum(bool(q.metadata.get("augmented")) for q in questions) / n,
             "augment/enqueued": float(len(enqueued)),
         }
-        stats = group_signal_stats(questions, rewards, self.augmenter.std_tol)
+        stats = group_signal_stats(questions, rewards, self.augmenter.std_tol, self.augmenter.right_reward_threshold)
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         # identical on every rank (inputs were gathered), so no sync_dist reduction is needed
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)

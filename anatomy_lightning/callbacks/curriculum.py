@@ -12,6 +12,7 @@ scripted metric sequences, without a trainer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -217,7 +218,8 @@ class CurriculumCallback(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._log_batch(pl_module, batch)
+        trained = outputs.get("questions") if isinstance(outputs, Mapping) else None  # dynamic sampling
+        self._log_batch(pl_module, trained if trained is not None else batch)
         if not self.enabled or self.rule is None:
             return
         # global_step is identical on every rank, so this decision needs no broadcast

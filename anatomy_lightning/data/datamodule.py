@@ -446,6 +446,19 @@ class AnatomyVQADataModule(L.LightningDataModule):
     def active_stages(self) -> set[int] | None:
         return set(self.sampler.active) if self.sampler is not None else None
 
+    def resample_questions(self, n: int, key: str) -> list[Question]:
+        """Fresh prompts for dynamic sampling (`model.dynamic_sample`): `n` training questions from
+        the pool in play (the curriculum's active stages), without replacement where the pool
+        allows. Drawn from (data.seed, key, rank) alone, so a resumed run draws the same ones and
+        the epoch's own order (the StageSampler) is not disturbed."""
+        active = self.active_stages
+        pool = [q for q in self.train_questions if active is None or (q.stage or 0) in active]
+        if not pool or n <= 0:
+            return []
+        rank, _ = self._rank_world()
+        rng = random.Random(f"{self.seed}/resample/{key}/{rank}")
+        return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+
     def attach_augmenter(self, augmenter: Augmenter) -> None:
         """Called by `GroupDiversityCallback`: rewrites from its queue replace part of each batch."""
         self.augmenter = augmenter

@@ -493,6 +493,30 @@ def generate_hf(
     return Rollout(prompt_inputs, completion_ids, mask, truncated, texts, num_generations, row_inputs=row_inputs)
 
 
+@torch.no_grad()
+def rollout_with_completions(
+    model: Any,
+    prompt_inputs: dict[str, Tensor],
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    truncated: Tensor,
+    texts: list[str],
+    group_size: int,
+    row_inputs: Callable[[int, int], dict[str, Tensor]] | None = None,
+) -> Rollout:
+    """A Rollout for completions sampled in other rollouts (dynamic sampling's merged batch).
+
+    Fast path (`row_inputs` None): the N prompts' positions and image features are computed as
+    `generate` computes them. Generic path: `prompt_inputs` hold every prompt G times, and
+    `row_inputs` re-encodes row chunks, as in `generate_hf(expanded=True)`.
+    """
+    prompts = None
+    if row_inputs is None:
+        with _eval_mode(model):
+            prompts = prepare_prompts(model, prompt_inputs)
+    return Rollout(prompt_inputs, completion_ids, completion_mask, truncated, texts, group_size, prompts, row_inputs)
+
+
 def _slice_rows(inputs: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
     """Rows start:stop of processor inputs whose every tensor has one row per sequence."""
     n = inputs["input_ids"].shape[0]

@@ -127,6 +127,15 @@ def test_group_signal_stats_by_hand():
         "invalid_gradient_ratio/Liver": 2 / 3,
         "invalid_gradient_ratio/Gut": 1.0,
         "invalid_gradient_ratio/Omentum": 0.0,
+        # split by the rows' mean against right_reward_threshold 1.0: 0 and 4 all wrong, 1 all right
+        "invalid_all_wrong": 2 / 5,
+        "invalid_all_wrong/Liver": 2 / 3,
+        "invalid_all_wrong/Gut": 0.0,
+        "invalid_all_wrong/Omentum": 0.0,
+        "invalid_all_right": 1 / 5,
+        "invalid_all_right/Liver": 0.0,
+        "invalid_all_right/Gut": 1.0,
+        "invalid_all_right/Omentum": 0.0,
         "reward/augmented": 0.6,
         "reward/original": (0.0 + 1.1 + 0.15 + 0.1) / 4,
     })

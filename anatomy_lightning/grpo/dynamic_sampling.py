@@ -1,0 +1,126 @@
+"""Dynamic sampling: groups without learning signal are replaced by freshly sampled prompts.
+
+The peers' answer to "a group whose G rewards are all equal gives no gradient" (ms-swift's
+`dynamic_sample` / `max_resample_times`, DAPO's dynamic sampling): after a step's rollout, keep
+the groups with reward spread, draw new prompts for the rest, roll them out, keep those with
+spread, and repeat up to `max_resample_times` rounds. If the batch is still short, the no-signal
+groups fill it (original questions first), so every step trains on exactly N prompts x G
+completions and every rank runs the same number of row chunks. Every generated completion
+counts towards compute, kept or not (`Selection.generated`).
+
+GDQA (augment/) answers the same problem by *rewriting* the hard question; comparing the two at
+equal compute is the point of the ablation's `dynamic` arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from anatomy_lightning.data.schema import Question
+from anatomy_lightning.grpo.rollout import Rollout
+
+__all__ = ["Piece", "Selection", "dynamic_sample", "merge_pieces"]
+
+
+@dataclass
+class Piece:
+    """One rollout of a step: its questions, completions and (N*G,) rewards."""
+
+    questions: list[Question]
+    rollout: Rollout
+    rewards: Tensor  # (N*G,)
+    per_fn: dict[str, Tensor]  # reward function -> (N*G,)
+    has_signal: Tensor  # (N,) bool
+
+
+@dataclass
+class Selection:
+    """What a dynamic-sampling step kept: (piece, group) pairs in batch order, plus its bookkeeping."""
+
+    pieces: list[Piece]
+    picks: list[tuple[int, int]]
+    rounds: int = 0  # resampling rounds run (0: the first rollout already had signal everywhere)
+    generated: int = 0  # completions generated in this step, every round included
+    filled_without_signal: int = 0  # groups without signal kept to fill the batch
+    first: Piece | None = field(default=None)
+
+    @property
+    def unchanged(self) -> bool:
+        """True when the step trains on the first rollout as it was (nothing to rebuild)."""
+        n = len(self.pieces[0].questions)
+        return self.picks == [(0, g) for g in range(n)]
+
+
+def dynamic_sample(
+    first: Piece,
+    resample: Callable[[int, int], Piece | None],
+    max_resample_times: int,
+) -> Selection:
+    """Pick N groups with signal, drawing new prompts for the missing ones.
+
+    `resample(n, round)` rolls out n fresh prompts and returns their Piece (None: no prompts left
+    to draw). Groups are kept in the order they were found; without enough signal after
+    `max_resample_times` rounds, no-signal groups fill the batch, the first rollout's first.
+    """
+    n_target = len(first.questions)
+    pieces = [first]
+    picks = [(0, g) for g in range(n_target) if bool(first.has_signal[g])]
+    generated = first.rollout.completion_ids.shape[0]
+    rounds = 0
+    while len(picks) < n_target and rounds < max_resample_times:
+        rounds += 1
+        piece = resample(n_target - len(picks), rounds)
+        if piece is None:
+            break
+        pieces.append(piece)
+        generated += piece.rollout.completion_ids.shape[0]
+        k = len(pieces) - 1
+        picks += [(k, g) for g in range(len(piece.questions)) if bool(piece.has_signal[g])][: n_target - len(picks)]
+    filled = 0
+    if len(picks) < n_target:
+        for k, piece in enumerate(pieces):
+            for g in range(len(piece.questions)):
+                if len(picks) < n_target and not bool(piece.has_signal[g]):
+                    picks.append((k, g))
+                    filled += 1
+    if all(k == 0 for k, _ in picks):
+        picks.sort()  # only the first rollout's groups: train on it as it was, in batch order
+    return Selection(pieces, picks, rounds, generated, filled, first)
+
+
+def merge_pieces(
+    selection: Selection, pad_id: int
+) -> tuple[list[Question], Tensor, Tensor, Tensor, list[str], Tensor, dict[str, Tensor]]:
+    """The picked groups as one batch: questions, completion ids / mask / truncated (right padded
+    to the longest), texts, rewards and per-function rewards, in pick order."""
+    G = selection.pieces[0].rollout.group_size
+    questions, ids, masks, truncated, texts, rewards = [], [], [], [], [], []
+    per_fn: dict[str, list[Tensor]] = {k: [] for k in selection.pieces[0].per_fn}
+    for k, g in selection.picks:
+        piece = selection.pieces[k]
+        rows = slice(g * G, (g + 1) * G)
+        questions.append(piece.questions[g])
+        ids.append(piece.rollout.completion_ids[rows])
+        masks.append(piece.rollout.completion_mask[rows])
+        truncated.append(piece.rollout.truncated[rows])
+        texts += piece.rollout.texts[rows]
+        rewards.append(piece.rewards[rows])
+        for name in per_fn:
+            per_fn[name].append(piece.per_fn[name][rows])
+    width = max(t.shape[1] for t in ids)
+    ids = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id) for t in ids]
+    masks = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=0.0) for t in masks]
+    return (
+        questions,
+        torch.cat(ids),
+        torch.cat(masks),
+        torch.cat(truncated),
+        texts,
+        torch.cat(rewards),
+        {name: torch.cat(parts) for name, parts in per_fn.items()},
+    )
+
