@@ -36,6 +36,7 @@ _MODEL_RULES: tuple[_Rule, ...] = (
     ("epsilon_low", lambda v: 0 <= v < 1, "in [0, 1) (the clip range starts at 1 - epsilon_low)"),
     ("epsilon_high", lambda v: v >= 0, ">= 0"),
     ("num_iterations", lambda v: v >= 1, "an integer >= 1"),
+    ("max_resample_times", lambda v: v >= 0, "an integer >= 0"),
     ("logprob_batch_size", lambda v: v >= 1, "an integer >= 1, or null for all rows at once"),
     ("learning_rate", lambda v: v > 0, "> 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
