@@ -50,6 +50,9 @@ class StateDump(Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "ids": [q.id for q in questions],
+            # with dynamic sampling, the questions the step trained on (groups with signal swapped in)
+            "trained_ids": [q.id for q in outputs.get("questions", questions)],
+            "completions": int(getattr(pl_module, "completions_total", 0)),
             "group_rewards": rewards.tolist(),
             "group_shape": list(rewards.shape),
             "curriculum": curriculum.state.state_dict() if curriculum is not None else None,
