@@ -31,7 +31,8 @@ def _cli(args: list[str]) -> Any:
     return main(args)
 
 
-def _synthetic_questions(config: dict[str, Any]) -> list[Any]:
+def synthetic_questions(config: dict[str, Any]) -> list[Any]:
+    """The train split of the synthetic dataset `config["data"]["synthetic"]` describes, written to its out_dir."""
     from anatomy_lightning.data.loader import load_questions
     from anatomy_lightning.data.synthetic import write_synthetic_dataset
 
@@ -75,7 +76,7 @@ def run_demo(
     model, seed = str(cfg["model"]["model"]), int(cfg.get("seed_everything", 0) or 0)
     template = str(cfg["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
     warm = format_warm_start(
-        model, _synthetic_questions(cfg),
+        model, synthetic_questions(cfg),
         cache_dir(out, model, cfg["data"]["synthetic"], template, seed, steps=warm_start_steps, answer_form=answer_form),
         steps=warm_start_steps, seed=seed, answer_form=answer_form, template=template,
     )
