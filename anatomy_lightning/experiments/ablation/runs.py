@@ -144,11 +144,19 @@ def run_arm(base: dict[str, Any], warm: Path, arm: str, seed: int, settings: Set
     fingerprint = _fingerprint(fit_cfg, str(warm), settings.extra)
     record = None if settings.force else _cached(marker, fingerprint)
     if record is None:
-        for stale in ckpt_dir.glob("*.ckpt"):  # a fresh run, never a resume of an older one
-            stale.unlink()
-        shutil.rmtree(tb_dir, ignore_errors=True)
+        started = marker.with_name("started.json")  # this run's fit began; its interruption saved last.ckpt
+        resume = (not settings.force and (ckpt_dir / "last.ckpt").exists() and started.exists()
+                  and json.loads(started.read_text()).get("fingerprint") == fingerprint)
+        if resume:
+            log.info("%s: resuming the interrupted fit from %s", name, ckpt_dir / "last.ckpt")
+        else:
+            for stale in ckpt_dir.glob("*.ckpt"):  # a fresh run, never a resume of another one
+                stale.unlink()
+            shutil.rmtree(tb_dir, ignore_errors=True)
+            _save(started, {"fingerprint": fingerprint})
         t0 = time.perf_counter()
-        fit = _cli(["fit", "--config", str(fit_yaml), f"--model.model={warm}", *settings.extra])
+        resume_args = [f"--ckpt_path={ckpt_dir / 'last.ckpt'}"] if resume else []
+        fit = _cli(["fit", "--config", str(fit_yaml), f"--model.model={warm}", *resume_args, *settings.extra])
         steps, completions = int(fit.trainer.global_step), int(fit.model.completions_total)
         del fit  # free this run's policy and optimizer before the next one is built
         gc.collect()
