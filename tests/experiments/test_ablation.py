@@ -42,6 +42,20 @@ def test_derived_config_switches_only_the_callbacks_and_keeps_the_completion_bud
     assert ab.callback_section(base, ab.CURRICULUM)["enabled"] is True  # the base itself is not modified
 
 
+def test_pacing_reaches_the_curriculum_arms_only(tmp_path: Path) -> None:
+    base = ab.load_base(ab.Settings(config=CONFIG, out=tmp_path, seeds=[0], arms=list(ab.ARMS)))
+    pacing = {"promote_at": 0.7, "max_steps_per_stage": 120}
+    for arm, (curriculum_on, _, _) in ab.ARMS.items():
+        plain = ab.derive_config(base, arm, 0, "r", "fit", quick=False)
+        paced = ab.derive_config(base, arm, 0, "r", "fit", quick=False, pacing=pacing)
+        if curriculum_on:
+            assert ab.callback_section(paced, ab.CURRICULUM)["max_steps_per_stage"] == 120
+            assert ab.callback_section(paced, ab.CURRICULUM)["promote_at"] == 0.7
+        else:  # the same config, so the same cache key: tuning the pacing never reruns these arms
+            assert paced == plain
+    assert ab.callback_section(base, ab.CURRICULUM)["max_steps_per_stage"] == 30  # the base is untouched
+
+
 def test_command_line_flags_and_pass_through() -> None:
     s = parse_args([
         "--config", "c.yaml", "--out", "o", "--seeds", "4", "5", "--arms", "grpo", "dynamic", "--max-steps", "9",
@@ -52,6 +66,11 @@ def test_command_line_flags_and_pass_through() -> None:
     assert (s.warm_start_steps, s.quick, s.force, s.test, s.extra) == (7, True, True, False, ["--model.beta=0.0"])
     assert parse_args(["--quick"]).seeds == [0] and parse_args([]).seeds == [0, 1, 2]
     assert parse_args([]).arms == list(ab.ARMS) and parse_args([]).test is True
+    paced = parse_args(["--pacing", "promote_at=0.7", "max_steps_per_stage=null", "mode=exclusive"])
+    assert paced.pacing == {"promote_at": 0.7, "max_steps_per_stage": None, "mode": "exclusive"}
+    assert parse_args([]).pacing == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--pacing", "promote_at"])
 
 
 def test_standard_error_is_the_sample_sd_over_root_n() -> None:

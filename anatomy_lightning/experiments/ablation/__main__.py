@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test of the pipeline")
     parser.add_argument("--force", action="store_true", help="rerun runs whose results are already in --out")
     parser.add_argument("--no-test", action="store_true", help="fit only, no test (tuning on validation)")
+    parser.add_argument("--pacing", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="curriculum settings for the arms with the curriculum on (curriculum, both), "
+                             "e.g. --pacing promote_at=0.7 patience=4 max_steps_per_stage=120")
     args, extra = parser.parse_known_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     return Settings(
@@ -38,8 +41,22 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         quick=args.quick,
         force=args.force,
         test=not args.no_test,
+        pacing=parse_pacing(parser, args.pacing),
         extra=extra,
     )
+
+
+def parse_pacing(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """--pacing KEY=VALUE pairs, each VALUE read as YAML (0.7 -> float, null -> None)."""
+    import yaml
+
+    pacing = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--pacing {item!r}: expected KEY=VALUE, e.g. max_steps_per_stage=120")
+        pacing[key] = yaml.safe_load(value)
+    return pacing
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

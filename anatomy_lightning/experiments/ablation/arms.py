@@ -74,6 +74,7 @@ class Settings:
     quick: bool = False
     force: bool = False
     test: bool = True  # False: fit only (pacing is tuned on validation, never on test)
+    pacing: dict[str, Any] = field(default_factory=dict)  # curriculum settings of the curriculum arms
     extra: list[str] = field(default_factory=list)  # passed through to every fit/test call
 
 
@@ -137,10 +138,15 @@ def callback_section(cfg: dict[str, Any], class_path: str) -> dict[str, Any]:
     return section
 
 
-def derive_config(base: dict[str, Any], arm: str, seed: int, run_name: str, phase: str, quick: bool) -> dict[str, Any]:
+def derive_config(
+    base: dict[str, Any], arm: str, seed: int, run_name: str, phase: str, quick: bool,
+    pacing: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The config of one run: `base` with the arm's callbacks switched, the run's seed and name, the
     signal logger added and a checkpoint exactly at max_steps. `phase` ("fit"/"test") names the
-    TensorBoard version folder, so the training curves of a run are in `<run_name>/fit`."""
+    TensorBoard version folder, so the training curves of a run are in `<run_name>/fit`. `pacing`
+    (curriculum settings, e.g. chosen on validation) reaches the arms with the curriculum on only,
+    so the other arms' configs, and their cached runs, do not depend on it."""
     cfg = json.loads(json.dumps(base))  # deep copy of plain data
     curriculum_on, augmentation_on, dynamic_on = ARMS[arm]
     cfg["run_name"], cfg["seed_everything"] = run_name, seed
@@ -149,6 +155,8 @@ def derive_config(base: dict[str, Any], arm: str, seed: int, run_name: str, phas
     curriculum["enabled"] = curriculum_on
     if quick:
         curriculum.update(QUICK_CURRICULUM)
+    if curriculum_on and pacing:
+        curriculum.update(pacing)
     augmentation = callback_section(cfg, AUGMENTATION)
     augmentation["enabled"], augmentation["seed"] = augmentation_on, seed
     if quick:
@@ -214,4 +222,5 @@ def setup_summary(base: Mapping[str, Any], settings: Settings) -> dict[str, Any]
         "completions_per_run": completion_budget(base),
         "warm_start_steps": warm_start_sizes(settings)["steps"],
         "extra_args": settings.extra,
+        "pacing": settings.pacing,
     }

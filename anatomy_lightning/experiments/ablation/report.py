@@ -323,6 +323,8 @@ combines the seeds' spread of the difference (its SE) with the binomial noise of
 
 ### Curriculum (figure 1)
 
+Curriculum pacing of the curriculum arms: {s.get("pacing") or "the config's own"} (`--pacing`).
+
 {_bullets(findings["curriculum"], "no curriculum/grpo curves were logged.")}
 
 ![reward, S(q) and stage]({figures["curriculum"].name})

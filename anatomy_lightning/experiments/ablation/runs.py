@@ -132,10 +132,10 @@ def run_arm(base: dict[str, Any], warm: Path, arm: str, seed: int, settings: Set
     """fit then test one arm with one seed; returns its accuracy figures and training curves."""
     out = settings.out.resolve()
     name = run_name_of(arm, seed)
-    fit_cfg = derive_config(base, arm, seed, name, "fit", settings.quick)
+    fit_cfg = derive_config(base, arm, seed, name, "fit", settings.quick, settings.pacing)
     fit_yaml = write_yaml(fit_cfg, out / "configs" / f"{name}.fit.yaml")
     test_yaml = write_yaml(
-        derive_config(base, arm, seed, name, "test", settings.quick), out / "configs" / f"{name}.test.yaml"
+        derive_config(base, arm, seed, name, "test", settings.quick, settings.pacing), out / "configs" / f"{name}.test.yaml"
     )
     predictions = out / "predictions" / f"{name}.jsonl"
     tb_dir = out / "tensorboard" / name
