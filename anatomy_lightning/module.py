@@ -505,6 +505,9 @@ class GRPOModule(L.LightningModule):
             metrics["dynamic_sample/rounds"] = float(sel.rounds)
             metrics["dynamic_sample/filled_without_signal"] = float(sel.filled_without_signal)
             metrics["dynamic_sample/first_invalid_ratio"] = 1.0 - float(sel.first.has_signal.float().mean())
+            # train/reward is over the kept groups (biased towards groups with spread); this is the
+            # mean reward of what the data scheduled, comparable with a run without dynamic sampling
+            metrics["dynamic_sample/first_reward"] = float(sel.first.rewards.float().nanmean())
         self._log_train(ro, batch, rewards, per_fn, adv, metrics, mask, sel.generated)
         out = {"group_rewards": rewards.detach().view(-1, G).cpu(), "questions": batch}
         if batch is not sampled:  # what the data scheduled, before dynamic sampling replaced groups

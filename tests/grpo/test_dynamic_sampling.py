@@ -185,4 +185,5 @@ def test_cli_fit_with_dynamic_sampling_and_a_completion_budget_then_test(tmp_pat
     events.Reload()
     assert [e.value for e in events.Scalars("train/completions")] == [12.0, 24.0]
     assert [e.value for e in events.Scalars("train/dynamic_sample/rounds")] == [2.0, 2.0]
+    assert [e.value for e in events.Scalars("train/dynamic_sample/first_reward")] == [0.0, 0.0]
     run_cli("test", [CONFIGS / "demo.yaml", override, budget], tmp_path, "--run_name=dyn", "--ckpt_path=ckpts/last.ckpt")
