@@ -79,3 +79,29 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) 
     assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == [0, 1, 2]
     for r0, r1 in zip(*ranks):
         assert r0["weights"] == r1["weights"]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_under_ddp_keeps_the_ranks_in_step(tmp_path: Path) -> None:
+    """Each rank resamples its own no-signal groups (its own draws, its own number of rounds), yet
+    every rank runs the same backward passes, so the weights stay identical; the completion counter
+    is summed over ranks."""
+    override = write_override(tmp_path, max_steps=3, val_every=3, n_train=32)
+    cmd = fit_command(override, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                      "--model.dynamic_sample=true", "--model.max_resample_times=2")
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        result = subprocess.run(
+            cmd, cwd=tmp_path, env=run_env(tmp_path / "dump", tmp_path / "cache"), stdout=out,
+            stderr=subprocess.STDOUT, timeout=600,
+        )
+    check(result, log)
+    ranks = [read_dump(tmp_path / "dump", rank) for rank in (0, 1)]
+    assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == [1, 2, 3]
+    for r0, r1 in zip(*ranks):
+        assert r0["weights"] == r1["weights"] and r0["completions"] == r1["completions"]
+        assert r0["trained_ids"] != r1["trained_ids"]
+        for row in (r0, r1):
+            assert row["group_shape"] == [len(row["ids"]), G]  # always the scheduled N groups
+    # 3 steps x 2 ranks x 4 prompts x G = 48 without resampling; the random policy rarely has signal
+    assert ranks[0][-1]["completions"] > 3 * 2 * 4 * G
