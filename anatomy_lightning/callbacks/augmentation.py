@@ -140,15 +140,20 @@ class GroupDiversityCallback(Callback):
     ) -> None:
         if not self.enabled or outputs is None:  # None: the module skipped this step
             return
-        rewards = outputs.get("group_rewards") if isinstance(outputs, Mapping) else None
+        # with dynamic sampling, the scheduled batch as first sampled: its no-signal groups are the hard
+        # questions to rewrite (the trained batch had them replaced)
+        sampled = isinstance(outputs, Mapping) and "sampled_group_rewards" in outputs
+        key = "sampled_group_rewards" if sampled else "group_rewards"
+        rewards = outputs.get(key) if isinstance(outputs, Mapping) else None
         if not isinstance(rewards, Tensor):
             raise ValueError(
                 "GroupDiversityCallback: training_step must return a dict with 'group_rewards', a (N, G) "
                 f"tensor of the batch's rewards; got {type(outputs).__name__} "
                 f"{sorted(outputs) if isinstance(outputs, Mapping) else ''}"
             )
-        trained = outputs.get("questions")  # the module's, when dynamic sampling replaced groups
-        questions, rewards = _gather(trained if trained is not None else _questions(batch), rewards.detach().float().cpu())
+        questions = outputs.get("sampled_questions" if sampled else "questions")
+        questions = questions if questions is not None else _questions(batch)
+        questions, rewards = _gather(questions, rewards.detach().float().cpu())
         enqueued = self.augmenter.observe(questions, rewards, step=trainer.global_step)
         if batch_idx % self.log_every_n_steps:
             return

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.dynamic_sampling import Piece, Selection, dynamic_sample, merge_pieces
@@ -122,14 +123,15 @@ class _Outputs(Callback):
         self.seen.append(outputs)
 
 
-def _fit(tmp_path: Path, reward: str, steps: int, **kwargs: Any) -> tuple[GRPOModule, _Outputs]:
+def _fit(tmp_path: Path, reward: str, steps: int, callbacks: tuple[Callback, ...] = (),
+         **kwargs: Any) -> tuple[GRPOModule, _Outputs]:
     data = write_questions(tmp_path / "data", 6, images=(1,))
     dm = AnatomyVQADataModule(train_file=str(data), val_fraction=0.0, batch_size=2, seed=1)
     spy = _Outputs()
     module = GRPOModule(model="tiny-qwen2.5-vl", **{**MODEL_KWARGS, "rewards": {reward: 1.0}, **kwargs})
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=str(tmp_path), callbacks=[spy])
+                        default_root_dir=str(tmp_path), callbacks=[spy, *callbacks])
     trainer.fit(module, datamodule=dm)
     return module, spy
 
@@ -146,6 +148,19 @@ def test_training_steps_keep_only_groups_with_signal(tmp_path: Path) -> None:
     for out in resampled:  # what the sampler scheduled, with at least one group without signal
         assert any(q.id not in SIGNAL_IDS for q in out["sampled_questions"])
     assert module.completions_generated > 4 * 2 * 2  # resampled completions count as compute
+
+
+def test_with_augmentation_too_the_replaced_no_signal_groups_are_rewritten(tmp_path: Path) -> None:
+    """GDQA observes the groups as first sampled: the no-signal questions dynamic sampling swapped out
+    are the ones it rewrites (the trained batch, all with signal, would give it nothing to do)."""
+    gdqa = GroupDiversityCallback(encoder="jaccard", seed=0, max_fraction=0.5)
+    _, spy = _fit(tmp_path, "tests.grpo.test_dynamic_sampling:signal_reward", steps=4, callbacks=(gdqa,),
+                  dynamic_sample=True, max_resample_times=8)
+    replaced = {q.id for o in spy.seen for q in o.get("sampled_questions", []) if q.id not in SIGNAL_IDS}
+    assert replaced, "no batch had a no-signal group replaced"
+    rewritten = {q.metadata["augmented_from"] for q in gdqa.augmenter.queue} | {
+        q.metadata["augmented_from"] for o in spy.seen for q in o["questions"] if q.metadata.get("augmented")}
+    assert rewritten and rewritten <= {"q0", "q2", "q4"} and rewritten & replaced
 
 
 def test_without_signal_anywhere_the_batch_is_kept_after_the_rounds(tmp_path: Path) -> None:
