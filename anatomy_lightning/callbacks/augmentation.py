@@ -22,6 +22,7 @@ from torch import Tensor
 
 from anatomy_lightning.augment.augmenter import DEFAULT_REWRITERS, GroupDiversityAugmenter, group_signal_stats
 from anatomy_lightning.augment.rewriters import Rewriter
+from anatomy_lightning.callbacks.group_signal import scheduled_groups
 from anatomy_lightning.data.schema import Question
 
 __all__ = ["GroupDiversityCallback", "LazyEncoder", "make_embed"]
@@ -142,16 +143,13 @@ class GroupDiversityCallback(Callback):
             return
         # with dynamic sampling, the scheduled batch as first sampled: its no-signal groups are the hard
         # questions to rewrite (the trained batch had them replaced)
-        sampled = isinstance(outputs, Mapping) and "sampled_group_rewards" in outputs
-        key = "sampled_group_rewards" if sampled else "group_rewards"
-        rewards = outputs.get(key) if isinstance(outputs, Mapping) else None
+        questions, rewards = scheduled_groups(outputs) if isinstance(outputs, Mapping) else (None, None)
         if not isinstance(rewards, Tensor):
             raise ValueError(
                 "GroupDiversityCallback: training_step must return a dict with 'group_rewards', a (N, G) "
                 f"tensor of the batch's rewards; got {type(outputs).__name__} "
                 f"{sorted(outputs) if isinstance(outputs, Mapping) else ''}"
             )
-        questions = outputs.get("sampled_questions" if sampled else "questions")
         questions = questions if questions is not None else _questions(batch)
         questions, rewards = _gather(questions, rewards.detach().float().cpu())
         enqueued = self.augmenter.observe(questions, rewards, step=trainer.global_step)

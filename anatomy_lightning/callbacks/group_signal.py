@@ -23,9 +23,18 @@ from torch import Tensor
 from anatomy_lightning.augment.augmenter import group_signal_stats
 from anatomy_lightning.data.schema import Question
 
-__all__ = ["SIGNAL_PREFIX", "GroupSignalLogger"]
+__all__ = ["SIGNAL_PREFIX", "GroupSignalLogger", "scheduled_groups"]
 
 SIGNAL_PREFIX = "signal"
+
+
+def scheduled_groups(outputs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(questions, (N, G) rewards) of the groups the data scheduled, from `training_step`'s outputs:
+    with dynamic sampling the first rollout (`sampled_*`, before no-signal groups were replaced),
+    else the trained batch (`questions`, `group_rewards`). None for what the step did not return."""
+    if "sampled_group_rewards" in outputs:
+        return outputs.get("sampled_questions"), outputs["sampled_group_rewards"]
+    return outputs.get("questions"), outputs.get("group_rewards")
 
 
 class GroupSignalLogger(Callback):
@@ -46,8 +55,8 @@ class GroupSignalLogger(Callback):
     ) -> None:
         if not isinstance(outputs, Mapping):
             return  # a skipped step: nothing was sampled
-        rewards = outputs.get("sampled_group_rewards", outputs.get("group_rewards"))
-        questions = outputs.get("sampled_questions", outputs.get("questions", batch))
+        questions, rewards = scheduled_groups(outputs)
+        questions = batch if questions is None else questions
         questions = [q for q in questions if isinstance(q, Question)] if isinstance(questions, (list, tuple)) else []
         if not isinstance(rewards, Tensor) or not questions or len(questions) != rewards.shape[0]:
             return

@@ -14,8 +14,8 @@ equal compute is the point of the ablation's `dynamic` arm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,7 +46,11 @@ class Selection:
     rounds: int = 0  # resampling rounds run (0: the first rollout already had signal everywhere)
     generated: int = 0  # completions generated in this step, every round included
     filled_without_signal: int = 0  # groups without signal kept to fill the batch
-    first: Piece | None = field(default=None)
+
+    @property
+    def first(self) -> Piece:
+        """The rollout of the scheduled batch (what the data asked for)."""
+        return self.pieces[0]
 
     @property
     def unchanged(self) -> bool:
@@ -89,7 +93,7 @@ def dynamic_sample(
                     filled += 1
     if all(k == 0 for k, _ in picks):
         picks.sort()  # only the first rollout's groups: train on it as it was, in batch order
-    return Selection(pieces, picks, rounds, generated, filled, first)
+    return Selection(pieces, picks, rounds, generated, filled)
 
 
 def merge_pieces(

@@ -16,21 +16,24 @@ import pytest
 from tests.reliability.runs import G, check, fit_command, read_dump, run_env, write_override
 
 MAX_STEPS = 4
+DDP = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
+
+
+def _run_ddp(tmp_path: Path, override: Path, *flags: str) -> list[list[dict]]:
+    """`fit` on two gloo ranks in `tmp_path`; the StateDump rows of rank 0 and rank 1."""
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        result = subprocess.run(
+            fit_command(override, *DDP, *flags), cwd=tmp_path, env=run_env(tmp_path / "dump", tmp_path / "cache"),
+            stdout=out, stderr=subprocess.STDOUT, timeout=600,
+        )
+    check(result, log)
+    return [read_dump(tmp_path / "dump", rank) for rank in (0, 1)]
 
 
 @pytest.mark.slow
 def test_two_processes_hold_identical_state_after_every_step(tmp_path: Path) -> None:
-    override = write_override(tmp_path, max_steps=MAX_STEPS, val_every=2, n_train=32)
-    cmd = fit_command(override, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
-    log = tmp_path / "log.txt"
-    with log.open("w") as out:
-        result = subprocess.run(
-            cmd, cwd=tmp_path, env=run_env(tmp_path / "dump", tmp_path / "cache"), stdout=out,
-            stderr=subprocess.STDOUT, timeout=600,
-        )
-    check(result, log)
-
-    ranks = [read_dump(tmp_path / "dump", rank) for rank in (0, 1)]
+    ranks = _run_ddp(tmp_path, write_override(tmp_path, max_steps=MAX_STEPS, val_every=2, n_train=32))
     assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == list(range(1, MAX_STEPS + 1))
     for r0, r1 in zip(*ranks):
         assert r0["world_size"] == r1["world_size"] == 2
@@ -52,7 +55,7 @@ def test_two_processes_hold_identical_state_after_every_step(tmp_path: Path) -> 
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
     fault = {"class_path": "tests.reliability.state_dump.NonFiniteLossOnRank", "init_args": {"rank": 1}}
     override = write_override(tmp_path, max_steps=2, val_every=100, n_train=32, extra_callbacks=(fault,))
-    cmd = fit_command(override, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
+    cmd = fit_command(override, *DDP)
     log, dump = tmp_path / "log.txt", tmp_path / "dump"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(dump, tmp_path / "cache"), stdout=out,
@@ -87,16 +90,7 @@ def test_dynamic_sampling_under_ddp_keeps_the_ranks_in_step(tmp_path: Path) -> N
     every rank runs the same backward passes, so the weights stay identical; the completion counter
     is summed over ranks."""
     override = write_override(tmp_path, max_steps=3, val_every=3, n_train=32)
-    cmd = fit_command(override, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-                      "--model.dynamic_sample=true", "--model.max_resample_times=2")
-    log = tmp_path / "log.txt"
-    with log.open("w") as out:
-        result = subprocess.run(
-            cmd, cwd=tmp_path, env=run_env(tmp_path / "dump", tmp_path / "cache"), stdout=out,
-            stderr=subprocess.STDOUT, timeout=600,
-        )
-    check(result, log)
-    ranks = [read_dump(tmp_path / "dump", rank) for rank in (0, 1)]
+    ranks = _run_ddp(tmp_path, override, "--model.dynamic_sample=true", "--model.max_resample_times=2")
     assert [r["step"] for r in ranks[0]] == [r["step"] for r in ranks[1]] == [1, 2, 3]
     for r0, r1 in zip(*ranks):
         assert r0["weights"] == r1["weights"] and r0["completions"] == r1["completions"]
