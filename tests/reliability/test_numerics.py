@@ -154,7 +154,7 @@ def _fit(data_root: Path, max_steps: int, **module_kwargs: Any) -> tuple[Any, L.
 
     dm = AnatomyVQADataModule(
         synthetic=SyntheticSettings(n_train=16, n_val=4, n_test=4, out_dir=str(data_root / "synthetic")),
-        num_stages=2, batch_size=2, eval_batch_size=4, embedding_cache_dir=str(data_root / "cache"),
+        num_stages=2, batch_size=2, eval_batch_size=4, similarity={"cache_dir": str(data_root / "cache")},
     )
     settings = {"model": "tiny-qwen2.5-vl", "dtype": "float32", "num_generations": 2, "max_new_tokens": 4,
                 "beta": 0.0, "learning_rate": 1e-2, "rewards": {f"{__name__}:alternating_reward": 1.0},

@@ -21,6 +21,21 @@ ARMS: dict[str, tuple[bool, bool, bool]] = {  # arm -> (curriculum, augmentation
     "augmentation": (False, True, False),
     "both": (True, True, False),
     "dynamic": (False, False, True),  # ms-swift's dynamic_sample: resample no-signal groups in the step
+    "curriculum_v2": (True, False, False),  # the reference: S(q) and hard promotion as before issue 20
+}
+# settings an arm carries on top of the base config (dotted keys); `--pacing` does not reach these
+# arms' curriculum. curriculum_v2: gold-vs-distractor S(q), global terciles, cumulative stages
+# promoted on validation with ablation v2's tuned pacing (docs/ablation_v2).
+ARM_OVERRIDES: dict[str, dict[str, Any]] = {
+    "curriculum_v2": {
+        "data.similarity.aggregation": "gold_mean",
+        "data.similarity.stages": "global",
+        "curriculum.mode": "cumulative",
+        "curriculum.pacing": "adaptive",
+        "curriculum.promote_at": 0.7,
+        "curriculum.patience": 4,
+        "curriculum.max_steps_per_stage": 120,
+    },
 }
 CURRICULUM = "anatomy_lightning.callbacks.curriculum.CurriculumCallback"
 AUGMENTATION = "anatomy_lightning.callbacks.augmentation.GroupDiversityCallback"
@@ -150,13 +165,16 @@ def derive_config(
     cfg = json.loads(json.dumps(base))  # deep copy of plain data
     curriculum_on, augmentation_on, dynamic_on = ARMS[arm]
     cfg["run_name"], cfg["seed_everything"] = run_name, seed
+    set_key(cfg, "data.seed", seed)  # the sampler's order and the resampling draws vary with the seed too
     set_key(cfg, "trainer.logger.init_args.version", phase)
     curriculum = callback_section(cfg, CURRICULUM)
     curriculum["enabled"] = curriculum_on
     if quick:
         curriculum.update(QUICK_CURRICULUM)
-    if curriculum_on and pacing:
+    if curriculum_on and pacing and arm not in ARM_OVERRIDES:
         curriculum.update(pacing)
+    for key, value in ARM_OVERRIDES.get(arm, {}).items():
+        set_key(cfg, key, value)
     augmentation = callback_section(cfg, AUGMENTATION)
     augmentation["enabled"], augmentation["seed"] = augmentation_on, seed
     if quick:
@@ -165,7 +183,8 @@ def derive_config(
     # samples more per step, so it gets the steps its resampling rounds could need
     budget = completion_budget(cfg)
     set_key(cfg, "model.dynamic_sample", dynamic_on)
-    if dynamic_on:
+    same_step = augmentation_on and get_key(cfg, "augmentation.when", "same_step") == "same_step"
+    if dynamic_on or same_step:  # rollouts of replacements count too: the budget, not max_steps, ends these runs
         rounds = int(get_key(cfg, "model.max_resample_times", 3))
         cfg["trainer"]["max_steps"] = int(cfg["trainer"]["max_steps"]) * (1 + rounds)
     callbacks = cfg["trainer"]["callbacks"]

@@ -13,6 +13,7 @@ from anatomy_lightning.experiments.ablation.stats import aggregate_curve, agains
 
 ARM_COLOURS = {
     "grpo": "tab:gray", "curriculum": "tab:blue", "augmentation": "tab:orange", "both": "tab:green",
+    "curriculum_v2": "tab:brown",
     "dynamic": "tab:purple",
 }
 ARM_STYLES = {"both": "--", "dynamic": "-."}  # arms whose curves may lie on another's stay visible

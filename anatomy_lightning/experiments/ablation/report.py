@@ -188,7 +188,7 @@ def compute_findings(compute: Mapping[str, Any], budget: int) -> list[str]:
 def curriculum_findings(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Batch S(q), reward and stage of the curriculum arms against grpo, start to end."""
     lines = []
-    for arm in (a for a in ("curriculum", "both") if runs_of(runs, a)):
+    for arm in (a for a in ("curriculum", "both", "curriculum_v2") if runs_of(runs, a)):
         for tag, what in (("curriculum/batch_similarity", "batch mean S(q)"), ("train/reward", "mean training reward")):
             cur, base = curve_summary(runs, arm, tag), curve_summary(runs, REFERENCE, tag)
             if cur is None or base is None:
@@ -395,5 +395,29 @@ def summarise(
         "runs": runs,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
+    (out / "results_summary.json").write_text(json.dumps(per_seed_summary(results), indent=1, allow_nan=True) + "\n")
     write_report(out, results, figures)
     return results
+
+
+def per_seed_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The small file a replication compares with: per arm the per-seed held-out accuracies
+    (`arms` -> name -> `seeds` -> [{seed, accuracy}]), mean ± SE, per-stage means and the paired
+    difference to grpo (points, same seed)."""
+    arms: dict[str, Any] = {}
+    for arm, row in results["table"].items():
+        entry: dict[str, Any] = {
+            "seeds": [{"seed": s, "accuracy": a} for s, a in zip(row["seeds"], row["overall"])],
+            "mean": row["mean"],
+            "se": row["se"],
+            "stage": {k: {"mean": v["mean"], "se": v["se"]} for k, v in row.get("stage", {}).items()},
+        }
+        paired = row.get("vs_grpo")
+        if paired:
+            entry["vs_grpo"] = {k: paired[k] for k in ("seeds", "diffs", "mean", "se", "noise", "effect") if k in paired}
+            entry["vs_grpo"]["stage"] = {
+                k: {x: v[x] for x in ("mean", "se", "noise", "effect") if x in v} for k, v in paired.get("stage", {}).items()
+            }
+        arms[arm] = entry
+    return {"setup": results["setup"], "baseline": results["baseline"], "arms": arms,
+            "findings": results["findings"]}
