@@ -28,6 +28,8 @@ __all__ = [
     "AnswerForm",
     "Chain",
     "Clause",
+    "ContrastCue",
+    "EliminateOptions",
     "InvertRelation",
     "LocalModelRewriter",
     "ParsedStem",
@@ -37,6 +39,7 @@ __all__ = [
     "build_rewriter",
     "build_rewriters",
     "derive",
+    "distractors_by_nearness",
     "parse_stem",
     "validate_generated",
 ]
@@ -427,6 +430,119 @@ class Chain:
 
 
 # ---------------------------------------------------------------------------------------------
+# Informative rewriters: they change what is asked, so a group that was all wrong can get spread
+# ---------------------------------------------------------------------------------------------
+
+OptionEmbed = Callable[[list[str]], Any]  # texts -> (n, d) array, as `augment.selection.Embed`
+
+
+def _word_set(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _trigrams(text: str) -> frozenset[str]:
+    t = f"  {' '.join(text.lower().split())} "
+    return frozenset(t[i : i + 3] for i in range(len(t) - 2))
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def distractors_by_nearness(q: Question, embed: OptionEmbed | None = None) -> list[int]:
+    """Distractor indices, nearest to the gold option first (the hardest contrast first).
+
+    Nearness: cosine of `embed` vectors of the option texts when given, else word Jaccard with
+    character-trigram Jaccard breaking ties ("Omentum" / "Gut" share no word); then option order.
+    """
+    others = [i for i in range(len(q.options)) if i != q.answer_index]
+    if not others:
+        return []
+    if embed is not None:
+        import numpy as np
+
+        vectors = np.asarray(embed([q.answer_text] + [q.options[i] for i in others]), dtype=np.float64)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        sims = (vectors[1:] @ vectors[0]).tolist()
+        keys = {i: (s,) for i, s in zip(others, sims)}
+    else:
+        gold = q.answer_text
+        keys = {
+            i: (_jaccard(_word_set(gold), _word_set(q.options[i])), _jaccard(_trigrams(gold), _trigrams(q.options[i])))
+            for i in others
+        }
+    return sorted(others, key=lambda i: tuple(-k for k in keys[i]) + (i,))
+
+
+class EliminateOptions:
+    """Fewer distractors: keeps the gold and the `keep - 1` distractors nearest to it, drops the rest.
+
+    The kept options stay in their original relative order and are re-lettered (the gold index
+    follows its text). Further variants (`num_variants` > 1) place the gold at another letter.
+    A question with `keep` options or fewer is left alone (no rewrite). `embed` (texts -> vectors)
+    is set by the augmenter when it has an encoder; without it nearness is token overlap.
+    """
+
+    name = "eliminate_options"
+
+    def __init__(self, keep: int = 2, num_variants: int = 1) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            raise ValueError(f"eliminate_options: keep must be an integer >= 2 (the gold plus a distractor), got {keep!r}")
+        if isinstance(num_variants, bool) or not isinstance(num_variants, int) or num_variants < 1:
+            raise ValueError(f"eliminate_options: num_variants must be an integer >= 1, got {num_variants!r}")
+        self.keep, self.num_variants = keep, num_variants
+        self.embed: OptionEmbed | None = None
+
+    def __call__(self, q: Question, rng: random.Random) -> list[Question]:
+        if len(q.options) <= self.keep:
+            return []
+        kept = sorted([q.answer_index, *distractors_by_nearness(q, self.embed)[: self.keep - 1]])
+        orders = [kept]
+        if self.num_variants > 1:  # the same options, the gold at other letters
+            others = [i for i in kept if i != q.answer_index]
+            slots = [s for s in range(len(kept)) if s != kept.index(q.answer_index)]
+            for slot in rng.sample(slots, min(self.num_variants - 1, len(slots))):
+                order = list(others)
+                rng.shuffle(order)
+                order.insert(slot, q.answer_index)
+                orders.append(order)
+        dropped = len(q.options) - self.keep
+        return [
+            derive(q, k, self.name, options=[q.options[i] for i in order], answer_index=order.index(q.answer_index),
+                   metadata={"eliminated": dropped})
+            for k, order in enumerate(orders)
+        ]
+
+
+class ContrastCue:
+    """Keeps every option and adds one sentence that rules out the gold's nearest distractor.
+
+    `template` must contain `{distractor}` (the nearest distractor's text) and must not mention
+    the gold: the cue narrows the choice, it never gives the answer away.
+    """
+
+    name = "contrast_cue"
+    TEMPLATE = "Hint: the answer is not {distractor}."
+
+    def __init__(self, template: str = TEMPLATE) -> None:
+        if not isinstance(template, str) or "{distractor}" not in template or "{gold" in template:
+            raise ValueError(
+                f"contrast_cue: template must contain '{{distractor}}' and must not name the gold, got {template!r}"
+            )
+        self.template = template
+        self.embed: OptionEmbed | None = None
+
+    def __call__(self, q: Question, rng: random.Random) -> list[Question]:
+        nearest = distractors_by_nearness(q, self.embed)
+        if not nearest:
+            return []
+        distractor = q.options[nearest[0]]
+        stem = " ".join(q.question.split())
+        cue = self.template.format(distractor=distractor)
+        return [derive(q, 0, self.name, question=f"{stem} {cue}", metadata={"cue_excludes": distractor})]
+
+
+# ---------------------------------------------------------------------------------------------
 # Optional: a local text-generation model as a paraphraser
 # ---------------------------------------------------------------------------------------------
 
@@ -552,6 +668,8 @@ REWRITERS: dict[str, Callable[..., Rewriter]] = {
     InvertRelation.name: InvertRelation,
     ShuffleOptions.name: ShuffleOptions,
     AnswerForm.name: AnswerForm,
+    EliminateOptions.name: EliminateOptions,
+    ContrastCue.name: ContrastCue,
     LocalModelRewriter.name: LocalModelRewriter,
     "chain": Chain,
 }

@@ -479,7 +479,10 @@ def assign_stages(
     by="global": one set of quantiles over every question; returns the K-1 thresholds.
     by="per_class": quantiles within each gold class (`q.answer_text`), so every class with at
     least K distinct S(q) values is spread over every stage; classes with fewer than K questions
-    use the global thresholds. Returns a `StageThresholds`.
+    use the global thresholds. Returns a `StageThresholds`. The questions given are staged by their
+    rank within the class (ties split by a stable hash of the uid), so each class splits evenly even
+    when a small option vocabulary makes many S(q) values equal; questions staged later (validation,
+    test, predict) use their class's thresholds (`stage_for`).
 
     A question's stage is `sum(S(q) > t for t in thresholds)` (`stage_for`), so stage 0 is the least
     alike options. Thresholds are the quantile values moved to distinct S(q) values where ties would
@@ -510,6 +513,12 @@ def assign_stages(
     )
     for q in questions:
         q.stage = stage_for(q, staged)
+    for c, idx in members.items():  # training questions: by rank, so ties cannot crowd one stage
+        if len(idx) < num_stages:
+            continue
+        order = sorted(idx, key=lambda i: (values[i], _sha(questions[i].uid)))
+        for rank, i in enumerate(order):
+            questions[i].stage = rank * num_stages // len(order)
     return staged
 
 
