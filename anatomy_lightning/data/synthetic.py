@@ -144,12 +144,14 @@ def _v2_looks() -> dict[str, Anatomy]:
 V2_LOOKS: dict[str, Anatomy] = _v2_looks()
 
 # v3 (docs/benchmark_v3): every anatomy has one twin whose name is alike (all-MiniLM-L6-v2 cosine
-# 0.69-0.96) and whose look is alike (the pair's colour and texture, the second twin V3_TWIN_GAP
-# brighter in one channel, under v2's per-frame lighting); pairs are far apart in colour. Difficulty
-# is set by the distractors, not the gold: an "easy" question's distractors come from three other
-# pairs, one each; a "hard" one's are the gold's twin plus both members of one other pair. So every
-# class has easy and hard questions, a class-neutral S(q) can rank them, and the text alone gives
-# nothing away: in a hard question every option has its name twin among the options.
+# 0.69-0.96); pairs are far apart in colour. Difficulty varies within every class, and the option
+# set tells it: half the frames are "hard", the anatomy seen in an ambiguous view (twins share the
+# pair's colour and texture, the second V3_TWIN_GAP brighter in one channel, under v2's per-frame
+# lighting), and the question's distractors are the gold's twin plus both members of one other pair;
+# the other half are "easy", a clear view (the second twin has a texture and colour of its own) and
+# distractors from three other pairs, one each. So every class has easy and hard questions, a
+# class-neutral S(q) ranks them, and the text alone gives nothing away: in a hard question every
+# option has its name twin among the options, in an easy one none has.
 V3_PAIRS: tuple[tuple[str, str, tuple[int, int, int], str], ...] = (
     ("Cystic Duct", "Cystic Artery", (210, 210, 40), "plain"),
     ("Common Bile Duct", "Common Hepatic Duct", (40, 80, 210), "plain"),
@@ -160,7 +162,8 @@ V3_PAIRS: tuple[tuple[str, str, tuple[int, int, int], str], ...] = (
     ("Small Bowel", "Large Bowel", (240, 120, 190), "plain"),
     ("Diaphragm Dome", "Diaphragm Crus", (180, 50, 240), "checker"),
 )
-V3_TWIN_GAP = 20.0  # the second twin is this much brighter in the pair colour's lowest channel
+V3_TWIN_GAP = 20.0  # ambiguous view: the second twin is this much brighter in the pair colour's lowest channel
+V3_CLEAR_GAP = 60.0  # clear view: ... this much, and it has a texture of its own
 V3_HARD_SHARE = 0.5  # share of questions whose distractors include the gold's twin
 
 
@@ -176,6 +179,21 @@ def _v3_anatomies() -> tuple[Anatomy, ...]:
 
 V3_ANATOMIES: tuple[Anatomy, ...] = _v3_anatomies()
 V3_BY_NAME: dict[str, Anatomy] = {a.name: a for a in V3_ANATOMIES}
+V3_AMBIGUOUS: dict[str, Anatomy] = V3_BY_NAME
+
+
+def _v3_clear() -> dict[str, Anatomy]:
+    looks = {}
+    for a, b, rgb, texture in V3_PAIRS:
+        channel = min(range(3), key=lambda i: rgb[i])
+        twin = tuple(int(v + (V3_CLEAR_GAP if i == channel else 0)) for i, v in enumerate(rgb))
+        own = "checker" if texture != "checker" else "stripes"
+        looks[a] = V3_BY_NAME[a]
+        looks[b] = Anatomy(b, V3_BY_NAME[b].family, twin, own)  # type: ignore[arg-type]
+    return looks
+
+
+V3_CLEAR: dict[str, Anatomy] = _v3_clear()
 TEXTURES = ("plain", "stripes", "vstripes", "dots", "checker")
 TEXTURE_DEPTH = 0.45  # textured pixels are darkened by this share of their colour
 TOOL_NAME, TOOL_RGB = "hook", (170, 170, 180)
@@ -206,6 +224,7 @@ class Scene:
     layout: tuple[str, ...]
     tool_cell: int | None
     noise_seed: int
+    hard: bool = False  # v3: an ambiguous view (twins look alike) and the twin among the distractors
 
     def at(self, row: int, col: int) -> str:
         return self.layout[row * self.grid + col]
@@ -308,7 +327,8 @@ class SceneGenerator:
                 "or set unique_scenes=False"
             )
         self._seen.add(key)
-        scene = Scene(f"s{self.seed}-{self._n_scenes:06d}", self.grid, layout, tool_cell, noise_seed)
+        hard = self.benchmark == "v3" and self._rng.random() < V3_HARD_SHARE  # v1/v2 draw nothing here
+        scene = Scene(f"s{self.seed}-{self._n_scenes:06d}", self.grid, layout, tool_cell, noise_seed, hard)
         self._n_scenes += 1
         return scene
 
@@ -321,7 +341,7 @@ class SceneGenerator:
         for idx, name in enumerate(scene.layout):
             r, c = divmod(idx, grid)
             ys, xs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
-            a = self._looks[name]
+            a = (V3_AMBIGUOUS if scene.hard else V3_CLEAR)[name] if self.benchmark == "v3" else self._looks[name]
             img[ys, xs] = np.asarray(a.rgb, np.float32) * masks[a.texture][ys, xs]
         if scene.tool_cell is not None:
             r, c = divmod(scene.tool_cell, grid)
@@ -386,7 +406,7 @@ class SceneGenerator:
             else:
                 stem = f"What is the anatomy retracted by the {TOOL_NAME}?"
                 meta.update(tool=TOOL_NAME)
-            options, answer_index, n_hard = self._options(gold)
+            options, answer_index, n_hard = self._options(gold, scene.hard)
             meta.update(family=gold.family, anatomy=gold.name, scene=scene.id, hard_distractors=n_hard)
             out.append(
                 Question(
@@ -400,30 +420,30 @@ class SceneGenerator:
             )
         return out
 
-    def _options(self, gold: Anatomy) -> tuple[list[str], int, int]:
+    def _options(self, gold: Anatomy, hard: bool = False) -> tuple[list[str], int, int]:
         """Gold plus distractors: some same-family (hard) ones, the rest from other families.
 
         v1 draws a uniform number of same-family distractors; v2 takes as many as fit.
         """
         rng, k = self._rng, self.num_options
         if self.benchmark == "v3":
-            distractors, n_hard = self._v3_distractors(gold)
+            distractors, n_hard = self._v3_distractors(gold, hard)
             return self._place(gold, distractors) + (n_hard,)
-        kin = [a for a in self._families[gold.family] if a is not gold]
+        kin = [a for a in self._families[gold.family] if a.name != gold.name]
         # v2: always every kin that fits, so S(q) follows the gold (see the module docstring)
         n_hard = min(k - 1, len(kin)) if self.benchmark == "v2" else rng.randint(0, min(k - 1, len(kin)))
         distractors = rng.sample(kin, n_hard) + rng.sample(self._others[gold.family], k - 1 - n_hard)
         return self._place(gold, distractors) + (n_hard,)
 
-    def _v3_distractors(self, gold: Anatomy) -> tuple[list[Anatomy], int]:
+    def _v3_distractors(self, gold: Anatomy, hard: bool) -> tuple[list[Anatomy], int]:
         """v3: easy = one member each of k-1 other pairs; hard = the twin, then whole other pairs
         (a last single one if k is odd), so every option's name twin is among the options."""
         rng, k = self._rng, self.num_options
         pairs = [f for f in self._families if f != gold.family]
         rng.shuffle(pairs)
-        if rng.random() >= V3_HARD_SHARE:
+        if not hard:
             return [rng.choice(self._families[f]) for f in pairs[: k - 1]], 0
-        out = [a for a in self._families[gold.family] if a is not gold]
+        out = [a for a in self._families[gold.family] if a.name != gold.name]
         for f in pairs:
             room = k - 1 - len(out)
             if room <= 0:

@@ -22,6 +22,22 @@ def _v3(n: int = 960, seed: int = 0):
     return gen.questions(n)
 
 
+def test_hard_scenes_are_rendered_ambiguous_and_easy_ones_clear() -> None:
+    gen = SceneGenerator(seed=2, grid=1, kinds=("position",), questions_per_scene=1, unique_scenes=False,
+                         benchmark="v3", noise=0.0)
+    pairs = {}
+    for scene, qs in gen.draw(200):
+        assert (qs[0].metadata["hard_distractors"] == 1) is scene.hard
+        pairs.setdefault((scene.layout[0], scene.hard), scene)
+    a, b = V3_PAIRS[0][:2]  # plain texture pair: the second twin is checkered only in the clear view
+    def textured(name: str, hard: bool) -> bool:
+        img = np.asarray(gen.render(pairs[(name, hard)]), float)
+        lum = img.mean(axis=2)
+        return bool(lum.std() / lum.mean() > 0.1)
+    assert not textured(a, False) and textured(b, False)
+    assert not textured(a, True) and not textured(b, True)
+
+
 def test_every_anatomy_has_a_twin_and_every_class_has_easy_and_hard_questions() -> None:
     assert len(V3_ANATOMIES) == 2 * len(V3_PAIRS)
     qs = _v3()
@@ -69,9 +85,14 @@ def test_v3_renders_twins_alike_and_pairs_apart(tmp_path) -> None:
     files = write_synthetic_dataset(tmp_path, 8, 2, 2, seed=1, grid=1, kinds=("position",), questions_per_scene=1,
                                     unique_scenes=False, benchmark="v3")
     assert files["train"].is_file() and len(list((tmp_path / "images").glob("train-*.png"))) == 8
+    from anatomy_lightning.data.synthetic import V3_AMBIGUOUS, V3_CLEAR
+
     looks = {a.name: np.array(a.rgb, float) for a in V3_ANATOMIES}
-    for a, b, *_ in V3_PAIRS:
+    for a, b, *_ in V3_PAIRS:  # ambiguous view: one look with a small tint; clear view: own texture and colour
         assert np.linalg.norm(looks[a] - looks[b]) == pytest.approx(20.0)
+        assert V3_AMBIGUOUS[a].texture == V3_AMBIGUOUS[b].texture
+        assert V3_CLEAR[a].texture != V3_CLEAR[b].texture
+        assert np.linalg.norm(np.subtract(V3_CLEAR[a].rgb, V3_CLEAR[b].rgb)) == pytest.approx(60.0)
     names = list(looks)
     far = min(np.linalg.norm(looks[x] - looks[y]) for x in names for y in names
               if x != y and V3_ANATOMIES[names.index(x)].family != V3_ANATOMIES[names.index(y)].family)
