@@ -157,7 +157,8 @@ class AnatomyCLI(LightningCLI):
         model = config.get("model") if config is not None else None
         if model is None:
             return
-        check_settings(model, config.get("data"))  # every numeric range, all problems in one error
+        # every numeric range (and augmentation.when / rewriter arguments), all problems in one error
+        check_settings(model, config.get("data"), config.get("augmentation"))
         check_quantization_supported(model.get("quantization"))
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families

@@ -136,7 +136,10 @@ class GRPOModule(L.LightningModule):
         std_tol: a group whose reward std is below this has no learning signal.
         dynamic_sample: replace the groups without signal by fresh prompts from the training pool
             in play, rolled out in the same step (ms-swift's `dynamic_sample`, DAPO's dynamic
-            sampling); every generated completion counts in `train/completions`.
+            sampling); every generated completion counts in `train/completions`. With GDQA's
+            `augmentation.when: same_step` too, the step's hard groups are first replaced by
+            rewrites of the same questions (`augmentation.max_rounds_per_step` rounds), then fresh
+            prompts are drawn for what is still without signal (`max_resample_times` rounds).
         max_resample_times: resampling rounds per step; after them no-signal groups fill the batch.
         loss_type: grpo | bnpo | dapo | dr_grpo | gpg (see grpo.loss).
         beta: KL coefficient (k3 estimator); 0 skips the reference forward entirely.
@@ -240,6 +243,7 @@ class GRPOModule(L.LightningModule):
         self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens seen so far
         self.completions_generated = 0  # every sampled completion of this rank (resampled ones too)
         self.completions_total = 0  # the same over every rank (logged as train/completions)
+        self._step_draws: dict[str, int] | None = None  # same-step GDQA counts of the current step
         self._logger_step_checked = False
 
     def use_trainer_gradient_settings(
@@ -373,13 +377,58 @@ class GRPOModule(L.LightningModule):
         questions = draw(n, f"{self.global_step}/{round_}")
         return self._piece(questions) if questions else None
 
+    def _replacement_rounds(self) -> int:
+        """Same-step GDQA rounds per step (`augmentation.when: same_step`), 0 when it is off."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "replacement_rounds", 0) or 0)
+
+    def _draws(self, first: Piece, rewrite_rounds: int, fresh_rounds: int) -> tuple[Any, dict[str, int]]:
+        """`dynamic_sample`'s resample function for this step, and its counts.
+
+        Rewrites first: for up to `rewrite_rounds` rounds, the DataModule's rewrites of the
+        scheduled groups still without signal (`replacement_questions`; a question whose rewrite
+        got signal is done, the others are rewritten again next round); then, with
+        `model.dynamic_sample`, up to `fresh_rounds` rounds of fresh prompts (`_resample`) for what
+        is still missing. Without same-step augmentation this is plain dynamic sampling.
+        """
+        G = self.hparams.num_generations
+        rewards = first.rewards.detach().view(-1, G).cpu()
+        pending = [g for g in range(len(first.questions)) if not bool(first.has_signal[g])]
+        counts = {"rewrite_rounds": 0, "fresh_rounds": 0, "rewrites": 0}
+
+        def draw(n: int, round_: int) -> Piece | None:
+            nonlocal pending
+            if counts["rewrite_rounds"] < rewrite_rounds and pending:
+                counts["rewrite_rounds"] += 1
+                pairs = self.trainer.datamodule.replacement_questions(
+                    [first.questions[g] for g in pending], rewards[pending], self.global_step, counts["rewrite_rounds"]
+                )[:n]
+                if pairs:
+                    piece = self._piece([r for _, r in pairs])
+                    counts["rewrites"] += len(pairs)
+                    # originals whose rewrite still has no signal are rewritten again next round
+                    pending = [pending[i] for k, (i, _) in enumerate(pairs) if not bool(piece.has_signal[k])]
+                    return piece
+                pending = []
+            if counts["fresh_rounds"] < fresh_rounds:
+                counts["fresh_rounds"] += 1
+                return self._resample(n, counts["fresh_rounds"])
+            return None
+
+        return draw, counts
+
     def _sample_step(self, batch: list[Question]) -> tuple[list[Question], Rollout, Tensor, dict[str, Tensor], Selection]:
-        """The step's rollout: the batch's, or with `dynamic_sample` the groups with signal of
-        several rollouts merged into one (see grpo.dynamic_sampling)."""
+        """The step's rollout: the batch's, or the groups with signal of several rollouts merged
+        into one (see grpo.dynamic_sampling): with same-step augmentation the hard no-signal groups
+        are replaced by rewrites of the same questions first, then with `dynamic_sample` by fresh
+        prompts; groups still without signal fill the batch, the scheduled ones first."""
         hp = self.hparams
         first = self._piece(batch)
-        rounds = hp.max_resample_times if hp.dynamic_sample else 0
-        sel = dynamic_sample(first, self._resample, rounds)
+        fresh = hp.max_resample_times if hp.dynamic_sample else 0
+        rewrite = self._replacement_rounds() if not bool(first.has_signal.all()) else 0
+        draw, counts = self._draws(first, rewrite, fresh)
+        sel = dynamic_sample(first, draw, rewrite + fresh)
+        self._step_draws = counts if self._replacement_rounds() else None
         if sel.unchanged:
             return batch, first.rollout, first.rewards, first.per_fn, sel
         return (*self._merged_rollout(sel), sel)
@@ -509,6 +558,13 @@ class GRPOModule(L.LightningModule):
             # mean reward of what the data scheduled, comparable with a run without dynamic sampling
             metrics["dynamic_sample/first_reward"] = float(sel.first.rewards.float().nanmean())
         self._log_train(ro, batch, rewards, per_fn, adv, metrics, mask, sel.generated)
+        if self._step_draws is not None:  # same-step GDQA: signal before / after replacement
+            self.log_dict({
+                "augment/invalid_before": 1.0 - float(sel.first.has_signal.float().mean()),
+                "augment/invalid_after": 1.0 - float(adv.has_signal.float().mean()),
+                "augment/replaced": float(sum(bool(q.metadata.get("augmented")) for q in batch)),
+                "augment/rewrites_sampled": float(self._step_draws["rewrites"]),
+            }, on_step=True, on_epoch=False, batch_size=len(batch))
         out = {"group_rewards": rewards.detach().view(-1, G).cpu(), "questions": batch}
         if batch is not sampled:  # what the data scheduled, before dynamic sampling replaced groups
             out["sampled_questions"] = sampled

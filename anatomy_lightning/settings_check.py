@@ -69,6 +69,55 @@ _SYNTHETIC_RULES: tuple[_Rule, ...] = (
     ("questions_per_scene", lambda v: v >= 1, "an integer >= 1"),
 )
 
+_AUGMENTATION_RULES: tuple[_Rule, ...] = (
+    ("num_rewrites", lambda v: v >= 0, "an integer >= 0"),
+    ("max_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (the share of a batch that may be rewrites)"),
+    ("max_rounds", lambda v: v >= 0, "an integer >= 0"),
+    ("max_rounds_per_step", lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 = no same-step replacement)"),
+    ("queue_size", lambda v: v >= 0, "an integer >= 0"),
+    ("temperature", lambda v: v > 0, "> 0, or null"),
+    ("lambda_", lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+# rewriter -> (argument, test, demand); checked where a rewriter is given as {name: ..., <args>}
+_REWRITER_ARG_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    "eliminate_options": (
+        ("keep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+         "an integer >= 2 (the gold plus at least one distractor)"),
+        ("num_variants", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    ),
+    "contrast_cue": (
+        ("template", lambda v: isinstance(v, str) and "{distractor}" in v and "{gold" not in v,
+         "a text containing {distractor} and not naming the gold"),
+    ),
+}
+
+
+def _augmentation_problems(section: Mapping[str, Any], problems: list[str]) -> None:
+    from anatomy_lightning.augment.augmenter import DETECT_RULES, WHEN
+    from anatomy_lightning.augment.rewriters import REWRITERS
+
+    _check("augmentation.", section, _AUGMENTATION_RULES, problems)
+    when = section.get("when")
+    if when is not None and when not in WHEN:
+        problems.append(f"augmentation.when = {when!r}: must be one of {list(WHEN)}")
+    detect = section.get("detect")
+    if detect is not None:
+        bad = [d for d in (detect if isinstance(detect, (list, tuple)) else [detect]) if d not in DETECT_RULES]
+        if bad:
+            problems.append(f"augmentation.detect = {list(detect)!r}: unknown rules {bad}; choose from {list(DETECT_RULES)}")
+    for k, spec in enumerate(section.get("rewriters") or []):
+        spec = {"name": spec} if isinstance(spec, str) else _as_dict(spec) if isinstance(spec, Mapping) or hasattr(
+            spec, "as_dict") else None
+        if spec is None:
+            continue  # a Rewriter object from Python: its constructor checked it
+        name = spec.get("name")
+        if name not in REWRITERS:
+            problems.append(f"augmentation.rewriters[{k}].name = {name!r}: must be one of {sorted(REWRITERS)}")
+            continue
+        for arg, ok, demand in _REWRITER_ARG_RULES.get(name, ()):
+            if arg in spec and not ok(spec[arg]):
+                problems.append(f"augmentation.rewriters[{k}] ({name}).{arg} = {spec[arg]!r}: must be {demand}")
+
 
 def _as_dict(section: Any) -> dict[str, Any]:
     """A config section (dict, jsonargparse Namespace, dataclass or None) as a plain dict."""
@@ -94,9 +143,10 @@ def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], pr
             problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
 
 
-def settings_problems(model: Any = None, data: Any = None) -> list[str]:
-    """Every out-of-range setting of the `model` and `data` sections, as "section.key = value (...)"."""
-    model, data = _as_dict(model), _as_dict(data)
+def settings_problems(model: Any = None, data: Any = None, augmentation: Any = None) -> list[str]:
+    """Every out-of-range setting of the `model`, `data` and `augmentation` sections, as
+    "section.key = value (...)"."""
+    model, data, augmentation = _as_dict(model), _as_dict(data), _as_dict(augmentation)
     problems: list[str] = []
     _check("model.", model, _MODEL_RULES, problems)
     lora = model.get("lora")
@@ -112,11 +162,13 @@ def settings_problems(model: Any = None, data: Any = None) -> list[str]:
     synthetic = data.get("synthetic")
     if synthetic is not None:
         _check("data.synthetic.", _as_dict(synthetic), _SYNTHETIC_RULES, problems)
+    if augmentation:
+        _augmentation_problems(augmentation, problems)
     return problems
 
 
-def check_settings(model: Any = None, data: Any = None) -> None:
+def check_settings(model: Any = None, data: Any = None, augmentation: Any = None) -> None:
     """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range."""
-    problems = settings_problems(model, data)
+    problems = settings_problems(model, data, augmentation)
     if problems:
         raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))

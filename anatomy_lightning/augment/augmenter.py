@@ -3,7 +3,10 @@
 A group whose G rewards are all equal has zero advantage and gives no gradient. `observe()` reads
 each batch's (N, G) rewards, picks the hard questions (see `detect`), asks the rewriters for
 candidates, keeps a diverse few (`select_diverse`) and queues them; `take()` hands queued rewrites
-to the DataModule, which swaps them into the coming batches. Pure Python: no Lightning here, so
+to the DataModule, which swaps them into the coming batches (`when="next_batches"`). With
+`when="same_step"` (the default) nothing is queued: the LightningModule replaces the step's hard
+no-signal groups by `rewrite_now()` rewrites of the same questions, rolled out in the same step,
+and `observe()` only keeps the per-question budget (`max_rounds`). Pure Python: no Lightning here, so
 the decisions are testable with scripted rewards, and a seeded augmenter makes identical decisions
 on every rank and after a resume.
 """
@@ -23,10 +26,23 @@ from anatomy_lightning.augment.rewriters import Rewriter, build_rewriters
 from anatomy_lightning.augment.selection import Embed, select_diverse
 from anatomy_lightning.data.schema import LETTERS, Question
 
-__all__ = ["DETECT_RULES", "GroupDiversityAugmenter", "group_signal_stats", "hard_groups"]
+__all__ = [
+    "DEFAULT_DETECT",
+    "DEFAULT_REWRITERS",
+    "DETECT_RULES",
+    "WHEN",
+    "GroupDiversityAugmenter",
+    "group_signal_stats",
+    "hard_groups",
+    "hard_order",
+]
 
 DETECT_RULES = ("zero_std_wrong", "zero_std_right", "low_mean")
-DEFAULT_REWRITERS = ("template_paraphrase", "invert_relation", "shuffle_options", "answer_form")
+# all-wrong groups: no signal on a question the policy cannot answer (low_mean also fires on groups with spread)
+DEFAULT_DETECT = ("zero_std_wrong",)
+# rewrites that change what is asked; paraphrases etc. stay available by name (they cost accuracy, DESIGN.md)
+DEFAULT_REWRITERS = ("eliminate_options", "contrast_cue")
+WHEN = ("same_step", "next_batches")  # when rewrites are trained
 _HIDDEN_METADATA = ("source", "record")  # dropped by Question.to_record(); kept apart in state
 
 
@@ -66,6 +82,22 @@ def hard_groups(
     for name in detect:
         hard |= rules[name]
     return hard
+
+
+def hard_order(
+    group_rewards: Tensor,
+    detect: Sequence[str],
+    std_tol: float = 1e-6,
+    low_reward_threshold: float = 0.25,
+    right_reward_threshold: float = 1.0,
+) -> list[int]:
+    """Indices of the hard groups (`hard_groups`), all-wrong ones first, each kind in batch order:
+    when hard questions compete for the queue or a budget, no-signal questions the policy cannot
+    answer win over groups that still have spread."""
+    hard = hard_groups(group_rewards, detect, std_tol, low_reward_threshold, right_reward_threshold).tolist()
+    wrong = hard_groups(group_rewards, ("zero_std_wrong",), std_tol, low_reward_threshold, right_reward_threshold)
+    wrong = wrong.tolist()
+    return [i for i, h in enumerate(hard) if h and wrong[i]] + [i for i, h in enumerate(hard) if h and not wrong[i]]
 
 
 def group_signal_stats(
@@ -109,10 +141,13 @@ class GroupDiversityAugmenter:
     Args:
         rewriters: rewriter names, {name: ..., <args>} mappings or Rewriter objects (see
             `augment.rewriters.REWRITERS`); candidates from all of them compete in selection.
-        num_rewrites: rewrites queued per hard question each time it is found hard.
-        detect: which groups count as hard: any of "zero_std_wrong" (all wrong, no spread),
-            "zero_std_right" (all right, no spread; off by default: nothing to fix there),
-            "low_mean" (mean reward < low_reward_threshold).
+            Default: eliminate_options, contrast_cue (rewrites that change what is asked).
+        num_rewrites: rewrites queued per hard question each time it is found hard (next_batches).
+        detect: which groups count as hard: any of "zero_std_wrong" (all wrong, no spread; the
+            default), "zero_std_right" (all right, no spread: nothing to fix there),
+            "low_mean" (mean reward < low_reward_threshold, also groups with spread; next_batches
+            only: a group with spread is never replaced in the same step). All-wrong ones come
+            first when hard questions compete for the queue or a budget.
         std_tol: a group with reward std below this has no spread (no GRPO gradient).
         low_reward_threshold: the "low_mean" cut-off, in units of the total weighted reward.
         right_reward_threshold: a zero-spread group with mean reward >= this is "all right".
@@ -127,13 +162,19 @@ class GroupDiversityAugmenter:
         embed: texts -> (n, d) embeddings for selection; None uses token Jaccard (no model).
         dynamic_sampling: instead of rewriting, re-queue the hard original questions unchanged
             (DAPO-style bounded resampling, capped by max_rounds), to compare against GDQA.
+        when: "same_step": the module replaces the step's hard no-signal groups by rewrites of the
+            same questions (`rewrite_now`), rolled out in the same step; nothing is queued.
+            "next_batches": rewrites are queued and swapped into later batches (the questions
+            they displace are deferred to the next batches by the DataModule, not lost).
+        max_rounds_per_step: same_step: rewrite rounds per step (a rewrite still without signal
+            is rewritten again in the next round); 0 = no same-step replacement.
     """
 
     def __init__(
         self,
         rewriters: Sequence[Rewriter | str | Mapping[str, Any]] = DEFAULT_REWRITERS,
         num_rewrites: int = 2,
-        detect: Sequence[str] = ("zero_std_wrong", "low_mean"),
+        detect: Sequence[str] = DEFAULT_DETECT,
         std_tol: float = 1e-6,
         low_reward_threshold: float = 0.25,
         right_reward_threshold: float = 1.0,
@@ -145,8 +186,14 @@ class GroupDiversityAugmenter:
         lambda_: float = 0.5,
         embed: Embed | None = None,
         dynamic_sampling: bool = False,
+        when: str = "same_step",
+        max_rounds_per_step: int = 1,
     ) -> None:
         problems = []
+        if when not in WHEN:
+            problems.append(f"when must be one of {list(WHEN)}, got {when!r}")
+        if isinstance(max_rounds_per_step, bool) or not isinstance(max_rounds_per_step, int) or max_rounds_per_step < 0:
+            problems.append(f"max_rounds_per_step must be an integer >= 0, got {max_rounds_per_step!r}")
         if bad := [d for d in detect if d not in DETECT_RULES]:
             problems.append(f"detect has unknown rules {bad}; choose from {list(DETECT_RULES)}")
         if not 0.0 <= max_fraction <= 1.0:
@@ -167,6 +214,7 @@ class GroupDiversityAugmenter:
         self.max_fraction, self.max_rounds, self.queue_size = max_fraction, max_rounds, queue_size
         self.seed, self.temperature, self.lambda_ = seed, temperature, lambda_
         self.embed, self.dynamic_sampling = embed, dynamic_sampling
+        self.when, self.max_rounds_per_step = when, max_rounds_per_step
 
         self.rng = random.Random(seed)
         self.queue: deque[Question] = deque()
@@ -178,21 +226,41 @@ class GroupDiversityAugmenter:
     def __len__(self) -> int:
         return len(self.queue)
 
+    @property
+    def embed(self) -> Embed | None:
+        return self._embed
+
+    @embed.setter
+    def embed(self, embed: Embed | None) -> None:
+        """Selection's encoder, handed to every rewriter with an `embed` slot (nearest distractor)."""
+        self._embed = embed
+        for rewriter in self.rewriters:
+            for r in getattr(rewriter, "steps", [rewriter]):
+                if hasattr(r, "embed"):
+                    r.embed = embed
+
     # -- detection and rewriting ---------------------------------------------------------------
     def observe(self, questions: Sequence[Question], group_rewards: Tensor, step: int = 0) -> list[Question]:
         """Queue rewrites of this batch's hard original questions; returns what was queued.
 
         Rewrites in the batch are judged for statistics only, never rewritten again. `step` is
-        recorded on the rewrites (metadata["augmented_at_step"]).
+        recorded on the rewrites (metadata["augmented_at_step"]). Hard questions are taken
+        all-wrong first. With `when="same_step"` nothing is queued: the hard questions the module
+        rewrote in this step (`same_step_targets`) use one round of their `max_rounds` budget.
         """
         _check_shapes(questions, group_rewards)
-        hard = hard_groups(
-            group_rewards, self.detect, self.std_tol, self.low_reward_threshold, self.right_reward_threshold
-        ).tolist()
         self.counters["observed"] += len(questions)
+        if self.when == "same_step":
+            self.last_enqueued = 0
+            for i in self.same_step_targets(questions, group_rewards):
+                self.rounds[questions[i].uid] = self.rounds.get(questions[i].uid, 0) + 1
+            self.counters["hard"] += sum(
+                1 for i in self._hard(group_rewards) if not questions[i].metadata.get("augmented"))
+            return []
         enqueued: list[Question] = []
-        for q, is_hard in zip(questions, hard):
-            if not is_hard or q.metadata.get("augmented"):
+        for i in self._hard(group_rewards):
+            q = questions[i]
+            if q.metadata.get("augmented"):
                 continue
             self.counters["hard"] += 1
             # budgets keyed on uid: two questions that share an id in the file keep their own budget
@@ -205,6 +273,48 @@ class GroupDiversityAugmenter:
         self.counters["enqueued"] += len(enqueued)
         self.last_enqueued = len(enqueued)
         return enqueued
+
+    def _hard(self, group_rewards: Tensor) -> list[int]:
+        return hard_order(group_rewards, self.detect, self.std_tol, self.low_reward_threshold,
+                          self.right_reward_threshold)
+
+    # -- same step -----------------------------------------------------------------------------
+    def same_step_targets(self, questions: Sequence[Question], group_rewards: Tensor) -> list[int]:
+        """Indices of the groups `rewrite_now` replaces: hard by `detect`, without reward spread
+        (a group with spread already trains), original, and within the `max_rounds` budget;
+        all-wrong ones first."""
+        _check_shapes(questions, group_rewards)
+        flat = (_spread(group_rewards.detach().float().cpu()) < self.std_tol).tolist()
+        return [
+            i for i in self._hard(group_rewards)
+            if flat[i] and not questions[i].metadata.get("augmented")
+            and self.rounds.get(questions[i].uid, 0) < self.max_rounds
+        ]
+
+    def rewrite_now(self, questions: Sequence[Question], step: int, round_: int = 1) -> list[Question | None]:
+        """One rewrite per question for same-step replacement (None where no rewriter applies).
+
+        The pick is the most novel candidate (`select_diverse`, k=1). Randomness comes from a
+        generator seeded by (seed, step, round, uid) alone, and no state changes, so every rank
+        makes the same rewrite of a question whatever else its batch holds, and a resumed run
+        makes the same ones (the budget is counted by `observe`, on the gathered batch).
+        """
+        out: list[Question | None] = []
+        for q in questions:
+            rng = random.Random(f"{self.seed}/same_step/{step}/{round_}/{q.uid}")
+            candidates = [c for rewriter in self.rewriters for c in rewriter(q, rng)]
+            # round k takes the k-th most diverse candidate: a rewrite that gave no signal is not retried
+            picked = select_diverse(candidates, round_, self.embed, self.lambda_, reference=q)
+            if not picked:
+                out.append(None)
+                continue
+            r = picked[min(round_, len(picked)) - 1]
+            tag = f"s{step}r{round_}-{r.metadata['rewriter']}"
+            meta = {**r.metadata, "augmented_at_step": step}
+            if self.temperature is not None:
+                meta["temperature"] = self.temperature
+            out.append(r.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta))
+        return out
 
     def _rewrites(self, q: Question, step: int) -> list[Question]:
         if self.dynamic_sampling:

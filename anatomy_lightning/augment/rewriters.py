@@ -1,14 +1,17 @@
 """Question rewriters for Group Diversity Question Augmentation (GDQA).
 
-A rewriter turns one hard question into a few new ones that ask for the same thing from another
-angle: a paraphrased stem, an inverted spatial relation, reordered options, another answer form.
-Every rewrite keeps the image and the gold option text, so the reward functions (which check the
-letter or the option text) stay valid. All randomness comes from the `random.Random` passed in,
+A rewriter turns one hard question into a few new ones. The informative ones (the defaults)
+change what is asked so an all-wrong group can get reward spread: `eliminate_options` drops the
+distractors farthest from the gold, `contrast_cue` adds a hint ruling out the gold's nearest
+distractor. The others ask the same thing from another angle (a paraphrased stem, an inverted
+spatial relation, reordered options, another answer form); measured at equal compute they did not
+help (docs: DESIGN.md, GDQA). Every rewrite keeps the image and the gold option text, so the reward
+functions (which check the letter or the option text) stay valid. All randomness comes from the `random.Random` passed in,
 so a seeded augmenter makes the same rewrites on every rank and after a resume.
 
 YAML lists rewriters by registry name, with arguments where wanted:
 
-    rewriters: [template_paraphrase, {name: shuffle_options, num_variants: 2}, invert_relation]
+    rewriters: [{name: eliminate_options, keep: 2}, contrast_cue, template_paraphrase]
 """
 
 from __future__ import annotations

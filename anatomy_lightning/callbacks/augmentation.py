@@ -1,9 +1,12 @@
 """`GroupDiversityCallback`: runs the GDQA loop inside `Trainer.fit`.
 
-After every training batch it reads the (N, G) group rewards the LightningModule returned, lets
-the augmenter queue rewrites of the hard questions, and logs the group-signal metrics. The
-DataModule serves the queue (it calls `augmenter.take()` while building the next batches), so
-this callback only hands the augmenter over in `setup` and never touches the DataModule again.
+After every training batch it reads the (N, G) group rewards of the groups as first sampled,
+lets the augmenter count budgets (and, with `when: next_batches`, queue rewrites of the hard
+questions), and logs the group-signal metrics. The DataModule is the injector: with `same_step`
+the LightningModule asks it for `replacement_questions(...)` (rewrites of the step's own hard
+no-signal groups, rolled out in the same step); with `next_batches` it serves the queue
+(`augmenter.take()`) while building the next batches. This callback only hands the augmenter over
+in `setup` and never touches the DataModule again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from anatomy_lightning.augment.augmenter import DEFAULT_REWRITERS, GroupDiversityAugmenter, group_signal_stats
+from anatomy_lightning.augment.augmenter import (
+    DEFAULT_DETECT,
+    DEFAULT_REWRITERS,
+    GroupDiversityAugmenter,
+    group_signal_stats,
+)
 from anatomy_lightning.augment.rewriters import Rewriter
 from anatomy_lightning.callbacks.group_signal import scheduled_groups
 from anatomy_lightning.data.schema import Question
@@ -80,7 +88,13 @@ class GroupDiversityCallback(Callback):
         encoder: sentence encoder for diversity selection: None = the default offline MiniLM via
             `SimilarityScorer` if available, else token Jaccard; "jaccard" = no model.
         dynamic_sampling: re-queue hard original questions unchanged instead of rewriting them
-            (DAPO-style bounded resampling), so the two can be compared.
+            (DAPO-style bounded resampling), so the two can be compared (next_batches only).
+        when: same_step (default): the step's all-wrong no-signal groups are replaced in the same
+            step by rewrites of those questions, rolled out and scored (every completion counts);
+            with model.dynamic_sample too, rewrites come first, then fresh prompts for what is
+            still without signal. next_batches: rewrites are queued into later batches; the
+            questions they displace are served first in the next batches.
+        max_rounds_per_step: same_step: rewrite rounds per step (0 = no same-step replacement).
         log_every_n_steps: compute and log metrics every this many training batches.
     """
 
@@ -88,7 +102,7 @@ class GroupDiversityCallback(Callback):
         self,
         rewriters: Sequence[str | dict[str, Any] | Rewriter] = DEFAULT_REWRITERS,
         num_rewrites: int = 2,
-        detect: Sequence[str] = ("zero_std_wrong", "low_mean"),
+        detect: Sequence[str] = DEFAULT_DETECT,
         std_tol: float = 1e-6,
         low_reward_threshold: float = 0.25,
         right_reward_threshold: float = 1.0,
@@ -101,6 +115,8 @@ class GroupDiversityCallback(Callback):
         encoder: str | None = None,
         enabled: bool = True,
         dynamic_sampling: bool = False,
+        when: str = "same_step",
+        max_rounds_per_step: int = 1,
         log_every_n_steps: int = 1,
     ) -> None:
         if log_every_n_steps < 1:
@@ -121,6 +137,8 @@ class GroupDiversityCallback(Callback):
             lambda_=lambda_,
             embed=None,  # set in setup(): building it may import sentence-transformers
             dynamic_sampling=dynamic_sampling,
+            when=when,
+            max_rounds_per_step=max_rounds_per_step,
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -156,9 +174,12 @@ class GroupDiversityCallback(Callback):
         if batch_idx % self.log_every_n_steps:
             return
         n = max(1, len(questions))
+        # the share of *trained* groups that are rewrites (same_step: the replaced ones)
+        trained = outputs.get("questions") if isinstance(outputs, Mapping) else None
+        trained = trained if isinstance(trained, (list, tuple)) else questions
         metrics = {
             "augment/queue_size": float(len(self.augmenter)),
-            "augment/batch_share": sum(bool(q.metadata.get("augmented")) for q in questions) / n,
+            "augment/batch_share": sum(bool(q.metadata.get("augmented")) for q in trained) / max(1, len(trained)),
             "augment/enqueued": float(len(enqueued)),
         }
         stats = group_signal_stats(questions, rewards, self.augmenter.std_tol, self.augmenter.right_reward_threshold)

@@ -108,6 +108,11 @@ class Augmenter(Protocol):
 
     def budget(self, batch_size: int) -> int: ...
 
+    # optional (GroupDiversityAugmenter has them): same-step replacement
+    # when: str  ("same_step" | "next_batches"); max_rounds_per_step: int
+    # def same_step_targets(self, questions, group_rewards) -> list[int]: ...
+    # def rewrite_now(self, questions, step, round_) -> list[Question | None]: ...
+
 
 class _Questions(Dataset):
     def __init__(self, questions: list[Question]) -> None:
@@ -522,8 +527,33 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
 
     def attach_augmenter(self, augmenter: Augmenter) -> None:
-        """Called by `GroupDiversityCallback`: rewrites from its queue replace part of each batch."""
+        """Called by `GroupDiversityCallback`: with `when: next_batches` rewrites from its queue replace
+        part of each batch; with `same_step` the module asks `replacement_questions` instead."""
         self.augmenter = augmenter
+
+    def _augments_same_step(self) -> bool:
+        return self.augmenter is not None and getattr(self.augmenter, "when", "next_batches") == "same_step"
+
+    @property
+    def replacement_rounds(self) -> int:
+        """Same-step rewrite rounds per step the attached augmenter allows (0: no same-step replacement)."""
+        return int(getattr(self.augmenter, "max_rounds_per_step", 0)) if self._augments_same_step() else 0
+
+    def replacement_questions(
+        self, questions: Sequence[Question], group_rewards: torch.Tensor, step: int, round_: int = 1
+    ) -> list[tuple[int, Question]]:
+        """Same-step GDQA (`augmentation.when: same_step`): rewrites of this step's hard groups.
+
+        `questions` / `group_rewards` (n, G): groups of the step still without signal. Returns
+        (index into `questions`, rewrite) pairs, all-wrong groups first, for the questions the
+        augmenter's `detect` and budget select; empty without a same-step augmenter. Rewrites are
+        deterministic in (augmenter seed, step, round, uid): the same on every rank and on resume.
+        """
+        if not self._augments_same_step() or not questions:
+            return []
+        targets = self.augmenter.same_step_targets(list(questions), group_rewards.detach().float().cpu())
+        rewrites = self.augmenter.rewrite_now([questions[i] for i in targets], step, round_)
+        return [(i, r) for i, r in zip(targets, rewrites) if r is not None]
 
     # -- loaders -------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
@@ -598,18 +628,30 @@ class AnatomyVQADataModule(L.LightningDataModule):
         if self.sampler is not None:
             for c in cursors:
                 self.sampler.consumed(c)
-        if self.augmenter is not None:
+        if self._deferred:  # questions displaced by rewrites earlier: served first, none is lost
+            by_uid = {q.uid: q for q in self.train_questions}
+            questions = [by_uid[u] for u in self._deferred if u in by_uid] + questions
+            self._deferred = ()
+        size = len(batch.questions)
+        extra: list[Question] = []
+        if self.augmenter is not None and not self._augments_same_step():
             rank, world = self._rank_world()
-            n = self.augmenter.budget(len(questions))
+            n = self.augmenter.budget(size)
             # every rank holds the same queue: take for all ranks, keep this rank's share
             extra = self.augmenter.take(n * world, self.active_stages)[rank::world]
-            if extra:
-                questions = questions[: len(questions) - len(extra)] + extra
-        return questions
+        keep = size - len(extra)
+        # what does not fit waits for the next batch, in order (uids: the checkpoint stays plain data)
+        self._deferred = tuple(q.uid for q in questions[keep:])
+        return questions[:keep] + extra
 
     # -- state ---------------------------------------------------------------------------------
+    # uids of training questions displaced by injected rewrites (augmentation.when: next_batches),
+    # served first in the next batch; a tuple, always replaced, never changed in place
+    _deferred: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "deferred": list(self._deferred),
             "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_state,
             # held-out uids: a resumed run or a later `test` uses the questions this run held out
             "split": {"train_file": self.train_file, **self.split} if self._pool else None,
@@ -617,6 +659,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restore_split(state.get("split"), "split" in state)
+        self._deferred = tuple(state.get("deferred", ()))
         sampler_state = state.get("sampler")
         if sampler_state is None:
             return

@@ -146,8 +146,8 @@ V2_LOOKS: dict[str, Anatomy] = _v2_looks()
 # v3 (docs/benchmark_v3): every anatomy has one twin whose name is alike (all-MiniLM-L6-v2 cosine
 # 0.69-0.96); pairs are far apart in colour. Difficulty varies within every class, and the option
 # set tells it: half the frames are "hard", the anatomy seen in an ambiguous view (twins share the
-# pair's colour and texture, the second V3_TWIN_GAP brighter in one channel, under v2's per-frame
-# lighting), and the question's distractors are the gold's twin plus both members of one other pair;
+# pair's texture and its colour dimmed by V3_DIM, the second twin V3_TWIN_GAP brighter in one
+# channel before dimming, under v2's per-frame lighting), and the question's distractors are the gold's twin plus both members of one other pair;
 # the other half are "easy", a clear view (the second twin has a texture and colour of its own) and
 # distractors from three other pairs, one each. So every class has easy and hard questions, a
 # class-neutral S(q) ranks them, and the text alone gives nothing away: in a hard question every
@@ -179,7 +179,15 @@ def _v3_anatomies() -> tuple[Anatomy, ...]:
 
 V3_ANATOMIES: tuple[Anatomy, ...] = _v3_anatomies()
 V3_BY_NAME: dict[str, Anatomy] = {a.name: a for a in V3_ANATOMIES}
-V3_AMBIGUOUS: dict[str, Anatomy] = V3_BY_NAME
+V3_DIM = 0.55  # ambiguous view: the pair's colour dimmed by this factor (a look no clear view has)
+
+
+def _v3_ambiguous() -> dict[str, Anatomy]:
+    return {a.name: Anatomy(a.name, a.family, tuple(int(v * V3_DIM) for v in a.rgb), a.texture)  # type: ignore[arg-type]
+            for a in V3_ANATOMIES}
+
+
+V3_AMBIGUOUS: dict[str, Anatomy] = _v3_ambiguous()
 
 
 def _v3_clear() -> dict[str, Anatomy]:

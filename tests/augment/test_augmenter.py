@@ -61,7 +61,7 @@ def test_hard_groups_per_detect_setting(detect, expected):
 
 
 def test_observe_rewrites_hard_originals_only():
-    aug = GroupDiversityAugmenter(num_rewrites=2, detect=["zero_std_wrong"], seed=0, temperature=1.3)
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=2, detect=["zero_std_wrong"], seed=0, temperature=1.3)
     questions = make_questions(5)
     questions[4].metadata["augmented"] = True  # a rewrite that is still hard is not rewritten again
     enqueued = aug.observe(questions, REWARDS, step=7)
@@ -73,7 +73,7 @@ def test_observe_rewrites_hard_originals_only():
 
 
 def test_max_rounds_caps_rewrites_per_original_and_ids_stay_unique():
-    aug = GroupDiversityAugmenter(num_rewrites=2, max_rounds=2, detect=["zero_std_wrong"], seed=0)
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=2, max_rounds=2, detect=["zero_std_wrong"], seed=0)
     q = make_questions(1)
     sizes = [len(aug.observe(q, REWARDS[:1])) for _ in range(4)]
     assert sizes == [2, 2, 0, 0]
@@ -82,7 +82,7 @@ def test_max_rounds_caps_rewrites_per_original_and_ids_stay_unique():
 
 
 def test_take_respects_budget_stages_and_order():
-    aug = GroupDiversityAugmenter(num_rewrites=1, detect=["zero_std_wrong"], max_fraction=0.25, seed=0)
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, detect=["zero_std_wrong"], max_fraction=0.25, seed=0)
     questions = make_questions(6, stages=3)  # stages 0,1,2,0,1,2
     aug.observe(questions, torch.zeros(6, 4))
     assert [q.stage for q in aug.queue] == [0, 1, 2, 0, 1, 2]
@@ -96,14 +96,14 @@ def test_take_respects_budget_stages_and_order():
 
 
 def test_queue_cap_drops_the_oldest():
-    aug = GroupDiversityAugmenter(num_rewrites=1, detect=["zero_std_wrong"], queue_size=3, seed=0)
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, detect=["zero_std_wrong"], queue_size=3, seed=0)
     aug.observe(make_questions(5), torch.zeros(5, 4))
     assert [q.metadata["augmented_from"] for q in aug.queue] == ["q2", "q3", "q4"]
     assert aug.metrics()["dropped_total"] == 2
 
 
 def test_dynamic_sampling_requeues_the_original_unchanged():
-    aug = GroupDiversityAugmenter(detect=["zero_std_wrong"], dynamic_sampling=True, seed=0)
+    aug = GroupDiversityAugmenter(when="next_batches", detect=["zero_std_wrong"], dynamic_sampling=True, seed=0)
     [orig] = make_questions(1)
     [again] = aug.observe([orig], REWARDS[:1])
     assert again.id == "q0#resample0" and again.metadata["augmented_from"] == "q0"
@@ -202,7 +202,7 @@ def test_state_dict_round_trip_gives_identical_later_decisions():
             out.append([q.id for q in aug.take(3, active_stages={step % 2})])
         return out
 
-    knobs = dict(num_rewrites=2, detect=["zero_std_wrong", "low_mean"], seed=3, max_rounds=2, queue_size=7)
+    knobs = dict(when="next_batches", num_rewrites=2, detect=["zero_std_wrong", "low_mean"], seed=3, max_rounds=2, queue_size=7)
     a = GroupDiversityAugmenter(**knobs)
     questions = make_questions(6, stages=2)
     questions[0].metadata["source"] = "sgg.json"  # to_record() drops it; the state must not
@@ -275,7 +275,7 @@ def _trainer(tmp_path: Path, callback: GroupDiversityCallback, steps: int) -> L.
 
 
 def test_callback_injects_rewrites_into_later_batches(tmp_path: Path):
-    callback = GroupDiversityCallback(num_rewrites=2, max_fraction=0.5, encoder="jaccard", seed=0)
+    callback = GroupDiversityCallback(num_rewrites=2, max_fraction=0.5, encoder="jaccard", seed=0, when="next_batches")
     module, data = ScriptedModule(), TinyDataModule(make_questions(16, stages=2))
     trainer = _trainer(tmp_path, callback, steps=4)
     trainer.fit(module, datamodule=data)
@@ -297,7 +297,7 @@ def test_callback_injects_rewrites_into_later_batches(tmp_path: Path):
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["callbacks"]["GroupDiversityCallback"]
-    fresh = GroupDiversityCallback(num_rewrites=2, max_fraction=0.5, encoder="jaccard", seed=0)
+    fresh = GroupDiversityCallback(num_rewrites=2, max_fraction=0.5, encoder="jaccard", seed=0, when="next_batches")
     fresh.load_state_dict(state)
     assert [q.id for q in fresh.augmenter.queue] == [q.id for q in callback.augmenter.queue]
     assert fresh.augmenter.rng.getstate() == callback.augmenter.rng.getstate()
@@ -322,7 +322,9 @@ def test_callback_requires_group_rewards(tmp_path: Path):
 
 def test_augmenter_is_deterministic_for_a_seed():
     def run(seed: int) -> list[str]:
-        aug = GroupDiversityAugmenter(seed=seed, detect=["zero_std_wrong"])
+        # paraphrases draw on the seed (eliminate_options / contrast_cue are deterministic)
+        aug = GroupDiversityAugmenter(seed=seed, detect=["zero_std_wrong"], when="next_batches",
+                                      rewriters=["template_paraphrase", "shuffle_options"])
         return [q.question for q in aug.observe(make_questions(4), torch.zeros(4, 4))]
 
     assert run(1) == run(1)
@@ -332,7 +334,7 @@ def test_augmenter_is_deterministic_for_a_seed():
 def test_questions_sharing_an_id_keep_their_own_budget_and_queue_state_keeps_uids():
     """A file that repeats an id gives unique uids ("x", "x#dup1"): each has its own max_rounds,
     their rewrites stay distinct, and a checkpoint round trip keeps the uids."""
-    aug = GroupDiversityAugmenter(num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
     a, b = make_questions(2)
     a, b = a.replace(id="x", uid="x"), b.replace(id="x", uid="x#dup1")
     wrong = REWARDS[[0, 0]]  # both groups all wrong: both hard
@@ -340,6 +342,6 @@ def test_questions_sharing_an_id_keep_their_own_budget_and_queue_state_keeps_uid
     assert aug.observe([a, b], wrong) == []  # each used its one round
     uids = [q.uid for q in aug.queue]
     assert len(set(uids)) == 2 and {u.split("#aug")[0] for u in uids} == {"x", "x#dup1"}
-    again = GroupDiversityAugmenter(num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
+    again = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, max_rounds=1, detect=["zero_std_wrong"], seed=0)
     again.load_state_dict(aug.state_dict())
     assert [q.uid for q in again.queue] == uids

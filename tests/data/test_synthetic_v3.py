@@ -90,6 +90,7 @@ def test_v3_renders_twins_alike_and_pairs_apart(tmp_path) -> None:
     looks = {a.name: np.array(a.rgb, float) for a in V3_ANATOMIES}
     for a, b, *_ in V3_PAIRS:  # ambiguous view: one look with a small tint; clear view: own texture and colour
         assert np.linalg.norm(looks[a] - looks[b]) == pytest.approx(20.0)
+        assert np.linalg.norm(np.subtract(V3_AMBIGUOUS[a].rgb, V3_AMBIGUOUS[b].rgb)) < 12
         assert V3_AMBIGUOUS[a].texture == V3_AMBIGUOUS[b].texture
         assert V3_CLEAR[a].texture != V3_CLEAR[b].texture
         assert np.linalg.norm(np.subtract(V3_CLEAR[a].rgb, V3_CLEAR[b].rgb)) == pytest.approx(60.0)

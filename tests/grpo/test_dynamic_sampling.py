@@ -153,7 +153,7 @@ def test_training_steps_keep_only_groups_with_signal(tmp_path: Path) -> None:
 def test_with_augmentation_too_the_replaced_no_signal_groups_are_rewritten(tmp_path: Path) -> None:
     """GDQA observes the groups as first sampled: the no-signal questions dynamic sampling swapped out
     are the ones it rewrites (the trained batch, all with signal, would give it nothing to do)."""
-    gdqa = GroupDiversityCallback(encoder="jaccard", seed=0, max_fraction=0.5)
+    gdqa = GroupDiversityCallback(encoder="jaccard", seed=0, max_fraction=0.5, when="next_batches")
     _, spy = _fit(tmp_path, "tests.grpo.test_dynamic_sampling:signal_reward", steps=4, callbacks=(gdqa,),
                   dynamic_sample=True, max_resample_times=8)
     replaced = {q.id for o in spy.seen for q in o.get("sampled_questions", []) if q.id not in SIGNAL_IDS}
@@ -192,7 +192,9 @@ def test_cli_fit_with_dynamic_sampling_and_a_completion_budget_then_test(tmp_pat
         "    - class_path: anatomy_lightning.callbacks.budget.CompletionBudget\n"
         "      init_args: {max_completions: 20}\n"
     )
-    run_cli("fit", [CONFIGS / "demo.yaml", override, budget], tmp_path, "--run_name=dyn")
+    # dynamic sampling alone: the demo's same-step GDQA would add a rewrite round before the fresh prompts
+    run_cli("fit", [CONFIGS / "demo.yaml", override, budget], tmp_path, "--run_name=dyn",
+            "--augmentation.when=next_batches")
     # each step samples 2 prompts x G=2, three times (no signal anywhere): 12, then 24 >= 20 stops at step 2
     ckpt = torch.load(tmp_path / "ckpts" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["completions_total"] == 24
