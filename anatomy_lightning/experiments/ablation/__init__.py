@@ -15,6 +15,7 @@ from anatomy_lightning.experiments.ablation.arms import (
     ALL_RIGHT,
     ALL_WRONG,
     ARMS,
+    ARM_OVERRIDES,
     AUGMENTATION,
     BUDGET,
     COMPLETIONS,
@@ -51,7 +52,7 @@ from anatomy_lightning.experiments.ablation.stats import (
 )
 
 __all__ = [
-    "ALL_RIGHT", "ALL_WRONG", "ARMS", "AUGMENTATION", "BUDGET", "COMPLETIONS", "CURRICULUM", "INVALID",
+    "ALL_RIGHT", "ALL_WRONG", "ARM_OVERRIDES", "ARMS", "AUGMENTATION", "BUDGET", "COMPLETIONS", "CURRICULUM", "INVALID",
     "QUICK_OVERRIDES", "SIGNAL_LOGGER", "Settings", "accuracy_findings", "accuracy_from_predictions",
     "accuracy_table", "against_completions", "aggregate_curve", "callback_section", "completion_budget",
     "derive_config", "describe", "difference_noise", "get_checkpoint_dir", "get_key", "load_base", "mean_std",
