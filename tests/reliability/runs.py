@@ -49,7 +49,8 @@ def write_override(
                 *extra_callbacks,
             ],
         },
-        "curriculum": {"promote_at": 0.0, "max_steps_per_stage": 60},
+        # validation pacing, so every validation promotes (the demo's signal pacing needs a full window)
+        "curriculum": {"promote_at": 0.0, "max_steps_per_stage": 60, "pacing": "adaptive"},
         "augmentation": {"num_rewrites": 2, "max_fraction": 0.25, "seed": 0, "encoder": "jaccard"},
         "model": {"num_generations": G, "max_new_tokens": 4},
         "data": {
