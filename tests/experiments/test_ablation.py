@@ -243,6 +243,13 @@ def test_report_from_made_up_runs_has_se_tables_paired_differences_and_figures(t
     end = saved["curve_summaries"]["dynamic"][ab.ALL_WRONG]["per_seed"]["0"]["end"]
     assert end == pytest.approx(0.6 - 0.015 * 26.5)  # the mean of its last 6 of 30 points
     assert saved["frequent_classes"] == ["Gallbladder", "Liver"] and len(saved["runs"]) == 15
+    # the small file a replication compares with: per-seed accuracies and paired differences
+    summary = json.loads((tmp_path / "results_summary.json").read_text())
+    assert summary["arms"]["curriculum"]["seeds"] == [
+        {"seed": s, "accuracy": pytest.approx(0.6 + 0.01 * s)} for s in range(3)]
+    assert summary["arms"]["curriculum"]["vs_grpo"]["diffs"] == pytest.approx([0.1, 0.1, 0.1])
+    assert summary["arms"]["curriculum"]["vs_dynamic"]["mean"] == pytest.approx(0.1)
+    assert "vs_grpo" not in summary["arms"]["grpo"] and "runs" not in summary
 
 
 @pytest.mark.slow

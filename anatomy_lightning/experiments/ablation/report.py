@@ -26,6 +26,7 @@ from anatomy_lightning.experiments.ablation.stats import (
     curve_summary,
     end_difference,
     frequent_classes,
+    paired_difference,
     runs_of,
 )
 
@@ -419,5 +420,14 @@ def per_seed_summary(results: Mapping[str, Any]) -> dict[str, Any]:
                 k: {x: v[x] for x in ("mean", "se", "noise", "effect") if x in v} for k, v in paired.get("stage", {}).items()
             }
         arms[arm] = entry
+    table = results["table"]
+    if "dynamic" in table:  # the peers' answer to no-signal groups: the bar the two ideas must also clear
+        n_test = int(results["baseline"].get("n", 0) or 0)
+        ref = dict(zip(table["dynamic"]["seeds"], table["dynamic"]["overall"]))
+        for arm, row in table.items():
+            if arm != "dynamic":
+                vs = paired_difference(dict(zip(row["seeds"], row["overall"])), ref, n_test)
+                if vs:
+                    arms[arm]["vs_dynamic"] = {k: vs[k] for k in ("seeds", "diffs", "mean", "se", "noise", "effect")}
     return {"setup": results["setup"], "baseline": results["baseline"], "arms": arms,
             "findings": results["findings"]}
