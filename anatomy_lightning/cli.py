@@ -42,7 +42,7 @@ from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.families import family_for_type
-from anatomy_lightning.models.loading import check_quantization_supported, resolve_model_path
+from anatomy_lightning.models.loading import check_quantization_supported, load_model_config, resolve_model_path
 from anatomy_lightning.module import PRECISION_DTYPE, GRPOModule, weight_dtype
 from anatomy_lightning.settings_check import check_settings
 
@@ -163,6 +163,8 @@ class AnatomyCLI(LightningCLI):
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families
             family_for_type(json.loads((Path(path) / "config.json").read_text()).get("model_type", "?"), path)
+        else:  # a hub id: neither cached nor reachable fails here in one line (see load_model_config)
+            family_for_type(load_model_config(path, path).model_type, path)
 
     def _reconcile_settings(self) -> None:
         """Make every setting that exists in two places agree, or refuse the conflict (see the module doc)."""

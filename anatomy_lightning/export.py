@@ -89,13 +89,18 @@ def _dequantised_policy(hp: dict[str, Any], dtype: str) -> tuple[Any, Any]:
     """The base loaded quantised exactly as training loaded it, dequantised (plain Linear weights
     holding the nf4 values), with the run's LoRA adapter on top (untrained until the state loads)."""
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from anatomy_lightning.models.families import family_for_type
-    from anatomy_lightning.models.loading import LoraSettings, _quantization_config, resolve_model_path
+    from anatomy_lightning.models.loading import (
+        LoraSettings,
+        _quantization_config,
+        load_model_config,
+        resolve_model_path,
+    )
 
     path = resolve_model_path(hp["model"])
-    family = family_for_type(AutoConfig.from_pretrained(path).model_type, str(hp["model"]))
+    family = family_for_type(load_model_config(path, hp["model"]).model_type, str(hp["model"]))
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype),
                               "quantization_config": _quantization_config(hp["quantization"], False, family)}
     if torch.cuda.is_available():

@@ -101,12 +101,47 @@ def resolve_model_path(model_name_or_path: str) -> str:
 
         cached = try_to_load_from_cache(name, "config.json")
         if not isinstance(cached, str):
-            raise FileNotFoundError(
-                f"model {name!r}: no local folder of that name, and HF_HUB_OFFLINE=1 with the hub id not in the "
-                f"Hugging Face cache; download it where there is network (`hf download {name}`), pass a local "
-                f"checkpoint folder, or use a built-in name {TINY_MODEL_NAMES}"
-            )
+            raise FileNotFoundError(_not_cached_message(name, "HF_HUB_OFFLINE=1"))
     return name
+
+
+def _not_cached_message(name: str, why: str) -> str:
+    """One line for a hub id whose files are neither in the local cache nor downloadable (`why`)."""
+    from huggingface_hub import constants
+
+    return (
+        f"model {name!r}: no local folder of that name, and its files are not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}; set by HF_HOME / HF_HUB_CACHE) while {why}; on a machine with network run "
+        f"`hf download {name} --local-dir <folder>`, copy the folder here and pass --model.model=<folder> "
+        f"(or use a built-in name {TINY_MODEL_NAMES})"
+    )
+
+
+def _hub_unreachable(err: BaseException) -> str | None:
+    """Why the hub could not be used, if `err` (or its cause chain) is a cache miss without network/offline."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or "couldn't connect to" in str(cause):
+            return "HF_HUB_OFFLINE=1" if _offline() else "the Hugging Face Hub cannot be reached (no network?)"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def load_model_config(path: str, model_name_or_path: str) -> Any:
+    """`AutoConfig.from_pretrained(path)`; a hub id neither cached nor reachable -> one clear FileNotFoundError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as err:
+        why = None if Path(path).is_dir() else _hub_unreachable(err)
+        if why is None:
+            raise
+        raise FileNotFoundError(_not_cached_message(str(model_name_or_path), why)) from None
 
 
 # -- quantisation -----------------------------------------------------------------------------
@@ -177,14 +212,14 @@ def load_policy(
       lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`.
     The tokenizer pads on the left, as batched generation needs.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     lora = LoraSettings.coerce(lora)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     check_quantization_supported(quantization)
     path = resolve_model_path(model_name_or_path)
-    family = family_for_type(AutoConfig.from_pretrained(path).model_type, str(model_name_or_path))
+    family = family_for_type(load_model_config(path, model_name_or_path).model_type, str(model_name_or_path))
 
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
     if attn_implementation:
@@ -199,6 +234,9 @@ def load_policy(
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path)
     except OSError as err:
+        why = None if Path(path).is_dir() else _hub_unreachable(err)
+        if why is not None:  # config.json cached, weights or processor files not
+            raise FileNotFoundError(_not_cached_message(str(model_name_or_path), why)) from None
         raise OSError(
             f"could not load model {model_name_or_path!r} from {path!r}: {err}. Check the hub id / folder, network "
             f"access (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}) and that the checkpoint is complete."

@@ -290,3 +290,16 @@ def test_quick_ablation_writes_report_plots_and_results(tmp_path: Path, monkeypa
     assert results["findings"]["accuracy"] and results["findings"]["invalid_ratio"] and results["findings"]["compute"]
     assert all("vs_grpo" in row for arm, row in results["table"].items() if arm != "grpo")
     assert not math.isnan(results["table"]["grpo"]["mean"])
+
+
+def test_every_arm_is_scored_on_the_baselines_stages(tmp_path: Path) -> None:
+    """curriculum_v2 stages questions with its own S(q); its per-stage accuracy must still be read on
+    the stages every other arm is scored on (the warm-start baseline's, from the base config)."""
+    from anatomy_lightning.experiments.ablation.runs import with_reference_stages
+
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"id": f"q{i}", "stage": i % 3, "correct": False}) + "\n" for i in range(6)))
+    own = [{"id": f"q{i}", "stage": 0, "correct": i < 2, "anatomy": "Liver"} for i in range(6)]
+    acc = ab.accuracy_from_predictions(with_reference_stages(own, baseline))
+    assert acc["stage"] == {"0": 0.5, "1": 0.5, "2": 0.0}  # q0, q1 correct: stages 0 and 1
+    assert with_reference_stages(own, tmp_path / "missing.jsonl") == own

@@ -180,9 +180,21 @@ def run_arm(base: dict[str, Any], warm: Path, arm: str, seed: int, settings: Set
         "steps": record["steps"],
         "completions": record.get("completions"),
         "wall_seconds": record.get("wall_seconds"),
-        "accuracy": accuracy_from_predictions(read_jsonl(predictions)) if record.get("predictions") else None,
+        "accuracy": accuracy_from_predictions(
+            with_reference_stages(read_jsonl(predictions), out / "predictions" / "baseline.jsonl")
+        ) if record.get("predictions") else None,
         "curves": read_scalars(tb_dir / "fit"),
     }
+
+
+def with_reference_stages(rows: list[dict[str, Any]], reference: Path) -> list[dict[str, Any]]:
+    """`rows` with each question's stage as the warm-start baseline's test staged it (the base
+    config's S(q)), so an arm with S(q) settings of its own (curriculum_v2) is scored per stage on
+    the same questions as every other arm. Unchanged when there is no baseline."""
+    if not reference.is_file():
+        return rows
+    stage = {r["id"]: r.get("stage") for r in read_jsonl(reference)}
+    return [{**r, "stage": stage.get(r["id"], r.get("stage"))} for r in rows]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
