@@ -51,7 +51,10 @@ def write_override(
         },
         # validation pacing, so every validation promotes (the demo's signal pacing needs a full window)
         "curriculum": {"promote_at": 0.0, "max_steps_per_stage": 60, "pacing": "adaptive"},
-        "augmentation": {"num_rewrites": 2, "max_fraction": 0.25, "seed": 0, "encoder": "jaccard"},
+        # the queue (next_batches): its rewrites, deferred questions and queue state must cross a resume;
+        # same-step rewrites are drawn from (seed, step, round, uid) and hold no state of their own
+        "augmentation": {"num_rewrites": 2, "max_fraction": 0.25, "seed": 0, "encoder": "jaccard",
+                         "when": "next_batches"},
         "model": {"num_generations": G, "max_new_tokens": 4},
         "data": {
             "synthetic": {"n_train": n_train, "n_val": 8, "n_test": 8},
