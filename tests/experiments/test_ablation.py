@@ -275,7 +275,10 @@ def test_quick_ablation_writes_report_plots_and_results(tmp_path: Path, monkeypa
     budget = results["setup"]["completions_per_run"]
     for run in results["runs"]:
         assert run["completions"] >= budget  # equal compute: every arm reaches the completion budget
-        if run["arm"] != "dynamic":
+        _, augmentation_on, dynamic_on = ab.ARMS[run["arm"]]
+        if dynamic_on or augmentation_on:  # replacements sampled in the step (same-step GDQA) count too
+            assert 1 <= run["steps"] <= results["setup"]["max_steps"]
+        else:
             assert run["steps"] == results["setup"]["max_steps"] and run["completions"] == budget
         curves = run["curves"]
         assert curves["train/reward"] and curves["curriculum/batch_similarity"] and curves[ab.INVALID]
@@ -285,7 +288,8 @@ def test_quick_ablation_writes_report_plots_and_results(tmp_path: Path, monkeypa
             assert all(0.0 <= v <= 1.0 for _, v in curves[prefix])
     by_arm = {r["arm"]: r["curves"] for r in results["runs"]}
     assert "curriculum/stage" in by_arm["curriculum"] and "curriculum/stage" not in by_arm["grpo"]
-    assert any(share > 0 for _, share in by_arm["augmentation"]["augment/batch_share"])  # rewrites were trained on
+    # same-step GDQA: the dead groups' rewrites were rolled out in the step (and counted in the budget)
+    assert any(n > 0 for _, n in by_arm["augmentation"]["augment/rewrites_sampled"])
     assert "augment/batch_share" not in by_arm["grpo"]
     assert results["findings"]["accuracy"] and results["findings"]["invalid_ratio"] and results["findings"]["compute"]
     assert all("vs_grpo" in row for arm, row in results["table"].items() if arm != "grpo")
