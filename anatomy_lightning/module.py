@@ -425,10 +425,11 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         first = self._piece(batch)
         fresh = hp.max_resample_times if hp.dynamic_sample else 0
-        rewrite = self._replacement_rounds() if not bool(first.has_signal.all()) else 0
+        rounds = self._replacement_rounds()
+        rewrite = rounds if not bool(first.has_signal.all()) else 0
         draw, counts = self._draws(first, rewrite, fresh)
         sel = dynamic_sample(first, draw, rewrite + fresh)
-        self._step_draws = counts if self._replacement_rounds() else None
+        self._step_draws = counts if rounds else None
         if sel.unchanged:
             return batch, first.rollout, first.rewards, first.per_fn, sel
         return (*self._merged_rollout(sel), sel)

@@ -74,14 +74,19 @@ def hard_groups(
     zero_std_right: no spread and mean >= right_reward_threshold (all right);
     low_mean: mean < low_reward_threshold, whatever the spread.
     """
-    rewards = group_rewards.detach().float().cpu()
-    mean, flat = rewards.mean(dim=1), _spread(rewards) < std_tol
-    right = mean >= right_reward_threshold - std_tol
-    rules = {"zero_std_wrong": flat & ~right, "zero_std_right": flat & right, "low_mean": mean < low_reward_threshold}
-    hard = torch.zeros(rewards.shape[0], dtype=torch.bool)
+    rules = _rule_masks(group_rewards, std_tol, low_reward_threshold, right_reward_threshold)
+    hard = torch.zeros(group_rewards.shape[0], dtype=torch.bool)
     for name in detect:
         hard |= rules[name]
     return hard
+
+
+def _rule_masks(group_rewards: Tensor, std_tol: float, low: float, right_threshold: float) -> dict[str, Tensor]:
+    """(N,) bool per detection rule (see `hard_groups`)."""
+    rewards = group_rewards.detach().float().cpu()
+    mean, flat = rewards.mean(dim=1), _spread(rewards) < std_tol
+    right = mean >= right_threshold - std_tol
+    return {"zero_std_wrong": flat & ~right, "zero_std_right": flat & right, "low_mean": mean < low}
 
 
 def hard_order(
@@ -95,8 +100,7 @@ def hard_order(
     when hard questions compete for the queue or a budget, no-signal questions the policy cannot
     answer win over groups that still have spread."""
     hard = hard_groups(group_rewards, detect, std_tol, low_reward_threshold, right_reward_threshold).tolist()
-    wrong = hard_groups(group_rewards, ("zero_std_wrong",), std_tol, low_reward_threshold, right_reward_threshold)
-    wrong = wrong.tolist()
+    wrong = _rule_masks(group_rewards, std_tol, low_reward_threshold, right_reward_threshold)["zero_std_wrong"].tolist()
     return [i for i, h in enumerate(hard) if h and wrong[i]] + [i for i, h in enumerate(hard) if h and not wrong[i]]
 
 
@@ -309,11 +313,7 @@ class GroupDiversityAugmenter:
                 out.append(None)
                 continue
             r = picked[min(round_, len(picked)) - 1]
-            tag = f"s{step}r{round_}-{r.metadata['rewriter']}"
-            meta = {**r.metadata, "augmented_at_step": step}
-            if self.temperature is not None:
-                meta["temperature"] = self.temperature
-            out.append(r.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta))
+            out.append(self._stamp(q, r, f"s{step}r{round_}-{r.metadata['rewriter']}", step))
         return out
 
     def _rewrites(self, q: Question, step: int) -> list[Question]:
@@ -328,11 +328,16 @@ class GroupDiversityAugmenter:
             n = self.made.get(q.uid, 0)
             self.made[q.uid] = n + 1
             tag = f"resample{n}" if self.dynamic_sampling else f"aug{n}-{r.metadata['rewriter']}"
-            meta = {**r.metadata, "augmented_at_step": step}
-            if self.temperature is not None:
-                meta["temperature"] = self.temperature
-            out.append(r.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta))
+            out.append(self._stamp(q, r, tag, step))
         return out
+
+    def _stamp(self, q: Question, rewrite: Question, tag: str, step: int) -> Question:
+        """`rewrite` of `q` with its own id and uid (`<q>#<tag>`), the step it was made at and the
+        augmented-group temperature."""
+        meta = {**rewrite.metadata, "augmented_at_step": step}
+        if self.temperature is not None:
+            meta["temperature"] = self.temperature
+        return rewrite.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta)
 
     def _push(self, q: Question) -> None:
         if self.queue_size == 0:

@@ -30,7 +30,7 @@ from anatomy_lightning.augment.augmenter import (
     group_signal_stats,
 )
 from anatomy_lightning.augment.rewriters import Rewriter
-from anatomy_lightning.callbacks.group_signal import scheduled_groups
+from anatomy_lightning.callbacks.group_signal import gather_groups, scheduled_groups
 from anatomy_lightning.data.schema import Question
 
 __all__ = ["GroupDiversityCallback", "LazyEncoder", "make_embed"]
@@ -169,7 +169,7 @@ class GroupDiversityCallback(Callback):
                 f"{sorted(outputs) if isinstance(outputs, Mapping) else ''}"
             )
         questions = questions if questions is not None else _questions(batch)
-        questions, rewards = _gather(questions, rewards.detach().float().cpu())
+        questions, rewards = gather_groups(questions, rewards.detach().float().cpu())
         enqueued = self.augmenter.observe(questions, rewards, step=trainer.global_step)
         if batch_idx % self.log_every_n_steps:
             return
@@ -233,19 +233,3 @@ def _questions(batch: Any) -> list[Question]:
         )
     return list(batch)
 
-
-def _gather(questions: list[Question], rewards: Tensor) -> tuple[list[Question], Tensor]:
-    """Every rank's (questions, rewards), concatenated in rank order, identical on all ranks.
-
-    One `all_gather_object` carries both: ranks may hold different N (last batch), which tensor
-    all_gather cannot take, and the rewards are CPU tensors, which NCCL collectives cannot take.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return questions, rewards
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return questions, rewards
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, (questions, rewards))
-    all_questions = [q for qs, _ in gathered for q in qs]
-    return all_questions, torch.cat([r for _, r in gathered], dim=0)

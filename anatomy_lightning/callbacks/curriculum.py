@@ -27,10 +27,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-import torch
 from torch import Tensor
 
-from anatomy_lightning.callbacks.group_signal import scheduled_groups
+from anatomy_lightning.callbacks.group_signal import gather_groups, scheduled_groups
 from anatomy_lightning.data.schema import Question
 
 __all__ = ["CurriculumCallback", "CurriculumState", "PromotionRule", "active_stages"]
@@ -326,13 +325,9 @@ class CurriculumCallback(Callback):
         questions, rewards = scheduled_groups(outputs)
         if not isinstance(rewards, Tensor) or not isinstance(questions, (list, tuple)) or len(questions) != len(rewards):
             return [], []
-        correct = (rewards.detach().float().cpu() >= self.correct_reward - 1e-6).float().mean(dim=1).tolist()
-        rows = [(int(q.stage or 0), float(a)) for q, a in zip(questions, correct)]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        return [s for s, _ in rows], [a for _, a in rows]
+        questions, rewards = gather_groups(list(questions), rewards.detach().float().cpu())
+        correct = (rewards >= self.correct_reward - 1e-6).float().mean(dim=1).tolist()
+        return [int(q.stage or 0) for q in questions], [float(a) for a in correct]
 
     def _log_stage_accuracy(self, pl_module: L.LightningModule, stages: list[int], accuracy: list[float]) -> None:
         by_stage: dict[int, list[float]] = {}

@@ -17,13 +17,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from anatomy_lightning.augment.augmenter import group_signal_stats
 from anatomy_lightning.data.schema import Question
 
-__all__ = ["SIGNAL_PREFIX", "GroupSignalLogger", "scheduled_groups"]
+__all__ = ["SIGNAL_PREFIX", "GroupSignalLogger", "gather_groups", "scheduled_groups"]
 
 SIGNAL_PREFIX = "signal"
 
@@ -35,6 +36,23 @@ def scheduled_groups(outputs: Mapping[str, Any]) -> tuple[Any, Any]:
     if "sampled_group_rewards" in outputs:
         return outputs.get("sampled_questions"), outputs["sampled_group_rewards"]
     return outputs.get("questions"), outputs.get("group_rewards")
+
+
+def gather_groups(questions: list[Question], rewards: Tensor) -> tuple[list[Question], Tensor]:
+    """Every rank's (questions, (N, G) rewards), concatenated in rank order, identical on all ranks.
+
+    One `all_gather_object` carries both: ranks may hold different N (last batch), which tensor
+    all_gather cannot take, and the rewards are CPU tensors, which NCCL collectives cannot take.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return questions, rewards
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return questions, rewards
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, (questions, rewards))
+    all_questions = [q for qs, _ in gathered for q in qs]
+    return all_questions, torch.cat([r for _, r in gathered], dim=0)
 
 
 class GroupSignalLogger(Callback):

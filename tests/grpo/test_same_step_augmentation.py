@@ -7,19 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anatomy_lightning.augment.augmenter import GroupDiversityAugmenter
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.module import GRPOModule
 from tests.e2e.cli_runs import CONFIGS, cpu_override, run_cli
-from tests.tiny_vqa import MODEL_KWARGS, write_questions
+from tests.grpo.test_dynamic_sampling import _fit as fit_with_spy
+from tests.tiny_vqa import write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,25 +37,11 @@ def original_signal_reward(completions: list[str], questions: list[Question], **
     return [float(q.id in SIGNAL_IDS and i % 2 == 0) for i, q in enumerate(questions)]
 
 
-class _Outputs(Callback):
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.seen.append(outputs)
-
-
 def _fit(tmp_path: Path, reward: str, steps: int, gdqa: GroupDiversityCallback, **kwargs: Any):
+    """The dynamic-sampling tests' fit (same data, model and spy) with the GDQA callback added."""
     CALLS.clear()
-    data = write_questions(tmp_path / "data", 6, images=(1,))
-    dm = AnatomyVQADataModule(train_file=str(data), val_fraction=0.0, batch_size=2, seed=1)
-    spy = _Outputs()
-    module = GRPOModule(model="tiny-qwen2.5-vl", **{**MODEL_KWARGS, "rewards": {reward: 1.0}, **kwargs})
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=str(tmp_path), callbacks=[spy, gdqa])
-    trainer.fit(module, datamodule=dm)
-    return module, spy, trainer
+    module, spy = fit_with_spy(tmp_path, reward, steps, (gdqa,), **kwargs)
+    return module, spy, module.trainer
 
 
 def test_same_step_trains_on_rewrites_of_the_dead_questions(tmp_path: Path) -> None:
