@@ -50,7 +50,8 @@ def _similarity(questions: list[Question], encoder: str | None, stages: int, agg
                 by: str = "per_class") -> dict[str, Any]:
     """S(q) summary, stage thresholds and counts, and the curriculum audit (imported here: the
     encoder stack is heavy and optional)."""
-    from anatomy_lightning.data.similarity import SimilarityScorer, assign_stages
+    from anatomy_lightning.data.similarity import SimilarityScorer
+    from anatomy_lightning.data.stages import assign_stages
 
     scorer = SimilarityScorer(encoder, aggregation=aggregation)
     scorer.score(questions)
@@ -59,7 +60,7 @@ def _similarity(questions: list[Question], encoder: str | None, stages: int, agg
 
 def _stages_report(questions: list[Question], thresholds: Any, stages: int, scorer: Any) -> dict[str, Any]:
     from anatomy_lightning.data.audit import curriculum_audit
-    from anatomy_lightning.data.similarity import StageThresholds
+    from anatomy_lightning.data.stages import StageThresholds
 
     values = [q.similarity for q in questions if q.similarity is not None]
     counts = Counter(q.stage for q in questions)

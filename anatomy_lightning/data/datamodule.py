@@ -25,14 +25,8 @@ from anatomy_lightning.data.loader import load_questions
 from anatomy_lightning.data.prompts import PROMPTS, attach_dataset_prompts
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError, Question
-from anatomy_lightning.data.similarity import (
-    STAGINGS,
-    SimilarityScorer,
-    StageThresholds,
-    assign_stages,
-    check_aggregation,
-    stage_for,
-)
+from anatomy_lightning.data.similarity import SimilarityScorer, check_aggregation
+from anatomy_lightning.data.stages import STAGINGS, StageThresholds, assign_stages, stage_for
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
@@ -307,7 +301,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.test_questions: list[Question] = []
-        self.stage_thresholds: list[float] | StageThresholds = []  # see `similarity.assign_stages`
+        self.stage_thresholds: list[float] | StageThresholds = []  # see `stages.assign_stages`
         self.scorer: SimilarityScorer | None = None  # the one that scored the questions (kept for the audit)
         self.audit: dict[str, Any] | None = None  # `data.audit.curriculum_audit` of the training questions
         self.sampler: StageSampler | None = None
@@ -700,5 +694,5 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
 def stage_of(similarity: float, thresholds: Sequence[float] | StageThresholds, answer_text: str = "") -> int:
     """Stage index for an S(q) given the K-1 ascending quantile thresholds (or per-class ones, with
-    the question's gold option text; see `similarity.stage_for`)."""
+    the question's gold option text; see `stages.stage_for`)."""
     return stage_for((similarity, answer_text), thresholds)
