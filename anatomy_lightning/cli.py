@@ -2,7 +2,8 @@
 
 A thin `LightningCLI`: the model is always `GRPOModule`, the data always `AnatomyVQADataModule`;
 the curriculum and the augmentation are top-level config sections (`curriculum:`,
-`augmentation:`; `--curriculum.promote_at=0.7`), other callbacks (checkpoints) come from
+`augmentation:`; `--curriculum.promote_at=0.7`), so is `evaluation:` (predictions file, greedy
+budget, text samples: what a `test` asks for wins over the checkpoint), other callbacks (checkpoints) come from
 `trainer.callbacks`. Configs are parsed in omegaconf mode, so `${run_name}`-style interpolation
 works. Additions for users: an unknown config key is answered with the nearest valid key, and our
 own input errors (bad data, a model path that does not exist, 4-bit on hardware that cannot do it)
@@ -36,14 +37,16 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
-from anatomy_lightning.callbacks.checkpoint import check_checkpoint_file
+from anatomy_lightning.checkpointing import check_checkpoint_file
 from anatomy_lightning.callbacks.curriculum import CurriculumCallback
 from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, load_model_config, resolve_model_path
-from anatomy_lightning.module import PRECISION_DTYPE, GRPOModule, weight_dtype
+from anatomy_lightning.grpo.evaluation import EvaluationSettings
+from anatomy_lightning.module import GRPOModule
+from anatomy_lightning.optimization import PRECISION_DTYPE, weight_dtype
 from anatomy_lightning.settings_check import check_settings
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,12 @@ class SuggestingParser(LightningArgumentParser):
     from the hyperparameters of older checkpoints (Lightning parses them with `parse_object`)."""
 
     # model settings that are gone -> where they live now
-    RETIRED_KEYS = {"max_grad_norm": "trainer.gradient_clip_val"}
+    RETIRED_KEYS = {
+        "max_grad_norm": "trainer.gradient_clip_val",
+        "predictions_file": "evaluation.predictions_file",
+        "eval_max_new_tokens": "evaluation.max_new_tokens",
+        "sample_every_n_steps": "evaluation.sample_every_n_steps",
+    }
 
     def parse_object(self, cfg_obj: Any, *args: Any, **kwargs: Any) -> Any:
         for section in (cfg_obj.values() if isinstance(cfg_obj, dict) else ()):
@@ -90,6 +98,9 @@ class SuggestingParser(LightningArgumentParser):
         for kind, group, key in _UNKNOWN.findall(message):
             if kind == "Subcommand":  # the key is already dotted: "model.num_generation"
                 group, _, key = key.rpartition(".")
+            if group.endswith("model") and key in self.RETIRED_KEYS:
+                message = f"model.{key} is {self.RETIRED_KEYS[key]} now; move it there"
+                break
             close = nearest_keys(self, group, key)
             if close:
                 message += f" (did you mean {' or '.join(f'{group}.{c}' for c in close)}?)"
@@ -100,18 +111,11 @@ class SuggestingParser(LightningArgumentParser):
 class AnatomyCLI(LightningCLI):
     """LightningCLI with the project's model and data classes fixed."""
 
-    # Evaluation-only knobs: what the user passes now wins over what the checkpoint was trained with.
-    EVAL_KEYS = ("predictions_file", "eval_max_new_tokens", "sample_every_n_steps")
-
     def _parse_ckpt_path(self) -> None:
-        """Lightning fills `model.*` from the checkpoint's hyperparameters; keep explicit eval knobs."""
+        """Lightning fills `model.*` from the checkpoint's hyperparameters; a damaged file gets one line."""
         sub = self.config.get("subcommand")
-        given = {k: self.config[sub]["model"].get(k) for k in self.EVAL_KEYS} if sub else {}
-        check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)  # damaged file: one line
+        check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)
         super()._parse_ckpt_path()
-        for key, value in given.items():
-            if value is not None:
-                self.config[sub]["model"][key] = value
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         # a name the YAML interpolates into checkpoint and TensorBoard folders: ${run_name}
@@ -120,11 +124,13 @@ class AnatomyCLI(LightningCLI):
         # Lightning adds the callbacks they build to the trainer's
         for cls, key in _SECTIONS.items():
             parser.add_lightning_class_args(cls, key)
+        parser.add_class_arguments(EvaluationSettings, "evaluation")
         parser.set_defaults({"trainer.gradient_clip_val": 1.0})  # TRL's max_grad_norm default
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.model.use_trainer_gradient_settings(**self._gradient_settings)
+        self.model.evaluation = self._get(self.config_init, "evaluation")
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         """Hand --optimizer / --lr_scheduler to the model, which builds them on its trainable parameters
@@ -158,7 +164,7 @@ class AnatomyCLI(LightningCLI):
         if model is None:
             return
         # every numeric range (and augmentation.when / rewriter arguments), all problems in one error
-        check_settings(model, config.get("data"), config.get("augmentation"))
+        check_settings(model, config.get("data"), config.get("augmentation"), config.get("evaluation"))
         check_quantization_supported(model.get("quantization"))
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families
@@ -295,13 +301,13 @@ def main(args: list[str] | None = None, run: bool = True) -> AnatomyCLI:
             run=run,
         )
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
-        if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):
+        if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not raised_by_project(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _ours(err: BaseException) -> bool:
+def raised_by_project(err: BaseException) -> bool:
     """True when the error was raised by this project's code (a user-facing message), not a library bug."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:

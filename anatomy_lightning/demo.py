@@ -69,7 +69,7 @@ def run_demo(
     if max_steps is not None:
         extra.append(f"--trainer.max_steps={max_steps}")
 
-    from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE
+    from anatomy_lightning.grpo.prompts import DEFAULT_PROMPT_TEMPLATE
     from anatomy_lightning.warm_start import cache_dir, format_warm_start
 
     log.info("[1/4] format warm start (answers carry no information about the gold option)")
@@ -83,7 +83,7 @@ def run_demo(
     common = ["--config", config, f"--model.model={warm}", *extra]
 
     log.info("[2/4] test the warm-started policy (the GRPO starting point)")
-    before = _cli(["test", *common, f"--model.predictions_file={out / 'predictions_before.jsonl'}"]).model.test_results
+    before = _cli(["test", *common, f"--evaluation.predictions_file={out / 'predictions_before.jsonl'}"]).model.test_results
 
     log.info("[3/4] GRPO fit with the curriculum and the augmentation")
     ckpt_dir = Path("checkpoints") / run_name
@@ -93,7 +93,7 @@ def run_demo(
 
     log.info("[4/4] test the GRPO policy")
     after = _cli(
-        ["test", *common, f"--ckpt_path={ckpt_dir / 'last.ckpt'}", f"--model.predictions_file={out / 'predictions_after.jsonl'}"]
+        ["test", *common, f"--ckpt_path={ckpt_dir / 'last.ckpt'}", f"--evaluation.predictions_file={out / 'predictions_after.jsonl'}"]
     ).model.test_results
 
     summary = {

@@ -94,7 +94,7 @@ def _dequantised_policy(hp: dict[str, Any], dtype: str) -> tuple[Any, Any]:
     from anatomy_lightning.models.families import family_for_type
     from anatomy_lightning.models.loading import (
         LoraSettings,
-        _quantization_config,
+        bnb_quantization_config,
         load_model_config,
         resolve_model_path,
     )
@@ -102,7 +102,7 @@ def _dequantised_policy(hp: dict[str, Any], dtype: str) -> tuple[Any, Any]:
     path = resolve_model_path(hp["model"])
     family = family_for_type(load_model_config(path, hp["model"]).model_type, str(hp["model"]))
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype),
-                              "quantization_config": _quantization_config(hp["quantization"], False, family)}
+                              "quantization_config": bnb_quantization_config(hp["quantization"], False, family)}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing
     base = AutoModelForImageTextToText.from_pretrained(path, **kwargs).dequantize()
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
-    from anatomy_lightning.cli import _ours, setup_logging
+    from anatomy_lightning.cli import raised_by_project, setup_logging
     from anatomy_lightning.data.schema import DataError
 
     setup_logging()
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> ExportResult:
         result = export(args.config, args.ckpt_path, args.out, merge=args.merge, dtype=args.dtype,
                         dequantize=args.dequantize)
     except (DataError, FileNotFoundError, RuntimeError, ValueError) as err:
-        if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not _ours(err):
+        if os.environ.get("ANATOMY_LIGHTNING_DEBUG") or not raised_by_project(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -144,6 +144,7 @@ def inspect_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[Quest
     """`--config`: the DataModule `fit` would build from the YAML's data section, set up for fit;
     the report (and the audit) is of its training questions, `--questions` lists every split."""
     from anatomy_lightning.data.datamodule import AnatomyVQADataModule
+    from anatomy_lightning.data.sources import write_synthetic_files
 
     start = time.perf_counter()
     section = data_section(args.config)
@@ -158,7 +159,7 @@ def inspect_config(args: argparse.Namespace) -> tuple[dict[str, Any], list[Quest
         section["num_stages"] = args.stages
     dm = AnatomyVQADataModule(**section)
     dm.setup("fit")
-    train = dm._synthetic_files()["train"] if dm.synthetic is not None else dm.train_file
+    train = write_synthetic_files(dm.synthetic)["train"] if dm.synthetic is not None else dm.train_file
     report = load_questions(str(train), format=dm.format, on_bad_record=dm.on_bad_record, image_root=dm.image_root,
                             check_images=False, fields=dm.fields) if train else None
     out = summarize(report) if report is not None else {}

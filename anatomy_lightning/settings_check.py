@@ -27,7 +27,6 @@ _MODEL_RULES: tuple[_Rule, ...] = (
     ("num_generations", lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)"),
     ("max_new_tokens", lambda v: v >= 1, "an integer >= 1"),
     ("min_new_tokens", lambda v: v >= 0, "an integer >= 0"),
-    ("eval_max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for max_new_tokens"),
     ("temperature", lambda v: v > 0, "> 0 (sampling divides the logits by it)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("top_k", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
@@ -41,9 +40,12 @@ _MODEL_RULES: tuple[_Rule, ...] = (
     ("learning_rate", lambda v: v > 0, "> 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
-    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
     ("min_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
     ("max_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
+)
+_EVALUATION_RULES: tuple[_Rule, ...] = (
+    ("max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for model.max_new_tokens"),
+    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
 )
 _LORA_RULES: tuple[_Rule, ...] = (
     ("r", lambda v: v >= 1, "an integer >= 1"),
@@ -94,8 +96,9 @@ _REWRITER_ARG_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...
 
 def _augmentation_problems(section: Mapping[str, Any], problems: list[str]) -> None:
     from anatomy_lightning.augment.augmenter import DETECT_RULES, WHEN
-    from anatomy_lightning.augment.rewriters import REWRITERS
+    from anatomy_lightning.augment.registry import REWRITERS
 
+    problems += _renamed_problems(section)
     _check("augmentation.", section, _AUGMENTATION_RULES, problems)
     when = section.get("when")
     if when is not None and when not in WHEN:
@@ -117,6 +120,15 @@ def _augmentation_problems(section: Mapping[str, Any], problems: list[str]) -> N
         for arg, ok, demand in _REWRITER_ARG_RULES.get(name, ()):
             if arg in spec and not ok(spec[arg]):
                 problems.append(f"augmentation.rewriters[{k}] ({name}).{arg} = {spec[arg]!r}: must be {demand}")
+
+
+def _renamed_problems(augmentation: Mapping[str, Any]) -> list[str]:
+    """Retired augmentation keys that are set, each naming its new key (the callback still accepts
+    the old names, so the CLI parses them and the refusal comes from here, before instantiation)."""
+    from anatomy_lightning.augment.augmenter import RENAMED_SETTINGS
+
+    return [f"augmentation.{old} was renamed: use augmentation.{new}"
+            for old, new in RENAMED_SETTINGS.items() if augmentation.get(old) is not None]
 
 
 def _as_dict(section: Any) -> dict[str, Any]:
@@ -143,11 +155,12 @@ def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], pr
             problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
 
 
-def settings_problems(model: Any = None, data: Any = None, augmentation: Any = None) -> list[str]:
+def settings_problems(model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None) -> list[str]:
     """Every out-of-range setting of the `model`, `data` and `augmentation` sections, as
     "section.key = value (...)"."""
     model, data, augmentation = _as_dict(model), _as_dict(data), _as_dict(augmentation)
     problems: list[str] = []
+    _check("evaluation.", _as_dict(evaluation), _EVALUATION_RULES, problems)
     _check("model.", model, _MODEL_RULES, problems)
     lora = model.get("lora")
     if lora is not None:
@@ -167,8 +180,13 @@ def settings_problems(model: Any = None, data: Any = None, augmentation: Any = N
     return problems
 
 
-def check_settings(model: Any = None, data: Any = None, augmentation: Any = None) -> None:
-    """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range."""
-    problems = settings_problems(model, data, augmentation)
+def check_settings(model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None) -> None:
+    """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range.
+
+    A renamed key is refused on its own, naming the new key, rather than counted as out of range."""
+    renamed = _renamed_problems(_as_dict(augmentation))
+    if renamed:
+        raise SettingsError("; ".join(renamed))
+    problems = settings_problems(model, data, augmentation, evaluation)
     if problems:
         raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))

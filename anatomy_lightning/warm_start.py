@@ -22,7 +22,8 @@ import torch
 
 from anatomy_lightning.data.images import load_image
 from anatomy_lightning.data.schema import LETTERS, Question
-from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, append_tokens, encode_prompts
+from anatomy_lightning.grpo.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, encode_prompts
+from anatomy_lightning.grpo.sequences import append_tokens
 from anatomy_lightning.models.families import family_of
 from anatomy_lightning.models.loading import load_policy
 

@@ -41,8 +41,8 @@ def run_one(family: str, workdir: Path, new_tokens: int, G: int, image_size: int
 
     sys.path.insert(0, str(ROOT))
     from anatomy_lightning.data.datamodule import AnatomyVQADataModule
-    from anatomy_lightning.models.standins import build_standin
     from anatomy_lightning.module import GRPOModule
+    from tests.support.standins import build_standin
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def run_one(family: str, workdir: Path, new_tokens: int, G: int, image_size: int
         model=str(folder), dtype="bfloat16", quantization=None, lora=section["lora"], gradient_checkpointing=False,
         max_pixels=image_size * image_size, num_generations=G, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         beta=section["beta"], epsilon_low=section["epsilon_low"], epsilon_high=section["epsilon_high"],
-        rewards={"benchmarks.cpu_real_size:spread_reward": 1.0}, sample_every_n_steps=0,
+        rewards={"benchmarks.cpu_real_size:spread_reward": 1.0},
     )
     t0 = time.perf_counter()
     module.configure_model()

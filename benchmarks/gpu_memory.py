@@ -85,7 +85,6 @@ def module_settings(args: argparse.Namespace, device: str) -> dict[str, Any]:
     cfg["num_generations"] = args.G
     cfg["max_new_tokens"] = cfg["min_new_tokens"] = args.new_tokens  # every completion full length: worst case
     cfg["max_pixels"] = max(cfg.get("max_pixels") or 0, args.image_size * args.image_size)
-    cfg["sample_every_n_steps"] = 0
     if args.quantization != "config":
         cfg["quantization"] = None if args.quantization == "none" else args.quantization
     if args.gradient_checkpointing is not None:

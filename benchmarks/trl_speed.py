@@ -238,7 +238,6 @@ def run_anatomy_lightning(args: argparse.Namespace, model_dir: Path, data: Path,
         num_iterations=1,
         learning_rate=1e-5,
         optimizer="adamw",
-        sample_every_n_steps=0,
     )
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -267,7 +266,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path
 
     from anatomy_lightning.data.images import load_image
     from anatomy_lightning.grpo.rewards import accuracy_reward, format_reward
-    from anatomy_lightning.grpo.rollout import DEFAULT_SYSTEM_PROMPT, render_prompt
+    from anatomy_lightning.grpo.prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
     from anatomy_lightning.models.families import family_for_type
     from anatomy_lightning.models.loading import LoraSettings
 

@@ -41,7 +41,7 @@ def one_torch_thread():
 def standin(tmp_path_factory: pytest.TempPathFactory):
     """family -> folder of its tiny random-weight stand-in (model + processor, `save_pretrained`),
     built once per test session and shared by every test that runs that family."""
-    from anatomy_lightning.models.standins import build_standin
+    from tests.support.standins import build_standin
 
     root = tmp_path_factory.mktemp("standins")
     built: dict[str, Path] = {}

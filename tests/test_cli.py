@@ -121,7 +121,7 @@ def test_fit_then_test_on_the_demo_config(tmp_path: Path) -> None:
 
     preds = tmp_path / "preds.jsonl"
     test = subprocess.run(
-        base + ["test", *common, f"--ckpt_path={ckpt}", f"--model.predictions_file={preds}"],
+        base + ["test", *common, f"--ckpt_path={ckpt}", f"--evaluation.predictions_file={preds}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert test.returncode == 0, test.stderr[-3000:]

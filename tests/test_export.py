@@ -14,9 +14,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from anatomy_lightning.export import export
 from anatomy_lightning.models.loading import check_quantization_supported
-from anatomy_lightning.models.standins import standin_image_size
-from tests.e2e.cli_runs import REPO
-from tests.tiny_vqa import tiny_fit, write_questions
+from tests.support.cli_runs import REPO
+from tests.support.standins import standin_image_size
+from tests.support.tiny_vqa import tiny_fit, write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}

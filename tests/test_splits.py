@@ -18,9 +18,10 @@ import yaml
 
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
+from anatomy_lightning.grpo.evaluation import EvaluationSettings
 from anatomy_lightning.module import GRPOModule
-from tests.e2e.cli_runs import REPO
-from tests.tiny_vqa import MODEL_KWARGS, tiny_fit, write_questions
+from tests.support.cli_runs import REPO
+from tests.support.tiny_vqa import MODEL_KWARGS, tiny_fit, write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,8 +97,8 @@ def test_test_banner_names_the_split_and_the_weights(standin, train_file: Path, 
         preds = tmp_path / f"preds_{ckpt_path is None}.jsonl"
         tester = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                            enable_model_summary=False, default_root_dir=str(tmp_path))
-        fresh = GRPOModule(model=model, lora={"r": 4, "alpha": 8, "dropout": 0.0}, predictions_file=str(preds),
-                           eval_max_new_tokens=4, **MODEL_KWARGS)
+        fresh = GRPOModule(model=model, lora={"r": 4, "alpha": 8, "dropout": 0.0}, **MODEL_KWARGS)
+        fresh.evaluation = EvaluationSettings(predictions_file=str(preds), max_new_tokens=4)
         tester.test(fresh, datamodule=_dm(train_file, test_split="heldout", seed=3), ckpt_path=ckpt_path)
         out = capsys.readouterr().out
         banner = next(line for line in out.splitlines() if line.startswith("test: scoring"))

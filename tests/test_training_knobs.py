@@ -114,6 +114,7 @@ def test_trainer_gradient_settings_reach_the_module(tmp_path: Path, monkeypatch:
 
 def test_clipping_by_norm_and_value() -> None:
     from anatomy_lightning.module import GRPOModule
+    from anatomy_lightning.optimization import clip_gradients
 
     m = GRPOModule()
     assert m.gradient_clip_val == 1.0  # the same default as the CLI's trainer.gradient_clip_val
@@ -122,7 +123,7 @@ def test_clipping_by_norm_and_value() -> None:
     for algorithm, clipped in (("norm", [0.3, 0.4]), ("value", [0.5, 0.5])):
         m.use_trainer_gradient_settings(1, 0.5, algorithm)
         p.grad = torch.tensor([3.0, 4.0])
-        assert m._clip_gradients(opt) == pytest.approx(5.0)  # the norm before clipping is what is logged
+        assert clip_gradients(opt, m.gradient_clip_val, m.gradient_clip_algorithm) == pytest.approx(5.0)  # the norm before clipping is what is logged
         assert p.grad.tolist() == pytest.approx(clipped)
 
 
@@ -190,7 +191,9 @@ def test_help_documents_sections_data_options_and_the_reward_default(capsys: pyt
 
 def test_rollout_logprobs_with_entropy() -> None:
     from anatomy_lightning.data.synthetic import SceneGenerator
+    from anatomy_lightning.grpo import prompts as P
     from anatomy_lightning.grpo import rollout as R
+    from anatomy_lightning.grpo import sequences as S
     from anatomy_lightning.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model("tiny", seed=0)
@@ -201,13 +204,13 @@ def test_rollout_logprobs_with_entropy() -> None:
         images[qs[0].images[0]] = gen.render(scene)
         questions.append(qs[0])
     torch.manual_seed(0)
-    ro = R.generate(model, processor, R.encode_prompts(questions, processor, images.__getitem__), 2, 5)
+    ro = R.generate(model, processor, P.encode_prompts(questions, processor, images.__getitem__), 2, 5)
     with torch.no_grad():
         plain = R.rollout_logprobs(model, ro, ro.completion_ids)
         logp, ent = R.rollout_logprobs(model, ro, ro.completion_ids, with_entropy=True)
         tok = processor.tokenizer
         image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        seq = R.sequence_inputs(ro, image_id, tok.pad_token_id, [image_id])
+        seq = S.sequence_inputs(ro, image_id, tok.pad_token_id, [image_id])
         C = ro.completion_ids.shape[1]
         logits = model(**seq.rows(0, len(ro.texts)), use_cache=False, logits_to_keep=C + 1).logits[:, :-1]
     assert torch.equal(logp, plain)
@@ -223,7 +226,8 @@ TINY = {
     "curriculum": {"enabled": False},
     "augmentation": {"enabled": False, "encoder": "jaccard"},
     "model": {"num_generations": 2, "max_new_tokens": 6, "min_new_tokens": 6, "beta": 0.0,
-              "rewards": {"tests.e2e.cli_runs:length_reward": 1.0}, "sample_every_n_steps": 0},
+              "rewards": {"tests.support.cli_runs:length_reward": 1.0}},
+    "evaluation": {"sample_every_n_steps": 0},
     "data": {"synthetic": {"n_train": 8, "n_val": 2, "n_test": 2}, "eval_batch_size": 2},
 }
 
@@ -238,10 +242,10 @@ def _rank_in_group_pick(logits, do_sample, temperature=1.0, top_p=1.0, top_k=0, 
 
 def _tiny_fit_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, torch.Tensor], Path]:
     """Deterministic completions, the policy's weights recorded at fit start, the TINY override file."""
-    from anatomy_lightning.grpo import rollout as R
+    from anatomy_lightning.grpo import fast_path as F
     from anatomy_lightning.module import GRPOModule
 
-    monkeypatch.setattr(R, "pick_next_token", _rank_in_group_pick)
+    monkeypatch.setattr(F, "pick_next_token", _rank_in_group_pick)
     start: dict[str, torch.Tensor] = {}
     monkeypatch.setattr(GRPOModule, "on_fit_start", lambda self: start.update(
         {n: p.detach().clone() for n, p in self.policy.named_parameters()}))
@@ -307,8 +311,9 @@ def test_non_tty_fit_resume_and_predict(tmp_path: Path) -> None:
     override = tmp_path / "small.yaml"
     override.write_text(yaml.safe_dump({
         "trainer": {"max_steps": 2, "val_check_interval": 2, "log_every_n_steps": 1, "enable_model_summary": False},
-        "model": {"num_generations": 2, "max_new_tokens": 6, "sample_every_n_steps": 0,
-                  "rewards": {"tests.e2e.cli_runs:length_reward": 1.0, "accuracy": 1.0}},
+        "model": {"num_generations": 2, "max_new_tokens": 6,
+                  "rewards": {"tests.support.cli_runs:length_reward": 1.0, "accuracy": 1.0}},
+        "evaluation": {"sample_every_n_steps": 0},
         "data": {"synthetic": {"n_train": 16, "n_val": 4, "n_test": 4}, "batch_size": 2, "eval_batch_size": 4},
         "augmentation": {"encoder": "jaccard"},
     }))
@@ -333,7 +338,7 @@ def test_non_tty_fit_resume_and_predict(tmp_path: Path) -> None:
     assert tokens == sorted(tokens) and tokens[0] > 0  # a running total, carried over the resume
     preds = tmp_path / "preds.jsonl"
     ckpt = tmp_path / "checkpoints" / "knobs" / "last.ckpt"
-    _run(["predict", *common, f"--ckpt_path={ckpt}", f"--model.predictions_file={preds}"], tmp_path)
+    _run(["predict", *common, f"--ckpt_path={ckpt}", f"--evaluation.predictions_file={preds}"], tmp_path)
     rows = preds.read_text().splitlines()
     assert len(rows) == 4 and '"prediction"' in rows[0]
 

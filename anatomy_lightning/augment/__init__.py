@@ -10,21 +10,20 @@ from anatomy_lightning.augment.augmenter import (
     hard_groups,
     hard_order,
 )
-from anatomy_lightning.augment.rewriters import (
-    REWRITERS,
+from anatomy_lightning.augment.llm import LocalModelRewriter, validate_generated
+from anatomy_lightning.augment.registry import REWRITERS, Rewriter, build_rewriter, build_rewriters
+from anatomy_lightning.augment.rules import (
     AnswerForm,
     Chain,
     ContrastCue,
     EliminateOptions,
     InvertRelation,
-    LocalModelRewriter,
-    Rewriter,
     ShuffleOptions,
     TemplateParaphrase,
-    build_rewriter,
-    build_rewriters,
-    parse_stem,
+    derive,
+    distractors_by_nearness,
 )
+from anatomy_lightning.augment.stem import Clause, ParsedStem, parse_stem
 from anatomy_lightning.augment.selection import select_diverse
 
 __all__ = [
@@ -35,19 +34,24 @@ __all__ = [
     "REWRITERS",
     "AnswerForm",
     "Chain",
+    "Clause",
     "ContrastCue",
     "EliminateOptions",
     "GroupDiversityAugmenter",
     "InvertRelation",
     "LocalModelRewriter",
+    "ParsedStem",
     "Rewriter",
     "ShuffleOptions",
     "TemplateParaphrase",
     "build_rewriter",
     "build_rewriters",
+    "derive",
+    "distractors_by_nearness",
     "group_signal_stats",
     "hard_groups",
     "hard_order",
     "parse_stem",
     "select_diverse",
+    "validate_generated",
 ]

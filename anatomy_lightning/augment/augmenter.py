@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anatomy_lightning.augment.rewriters import Rewriter, build_rewriters
+from anatomy_lightning.augment.registry import Rewriter, build_rewriters
 from anatomy_lightning.augment.selection import Embed, select_diverse
 from anatomy_lightning.data.schema import LETTERS, Question
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_DETECT",
     "DEFAULT_REWRITERS",
     "DETECT_RULES",
+    "RENAMED_SETTINGS",
     "WHEN",
     "GroupDiversityAugmenter",
     "group_signal_stats",
@@ -43,6 +44,9 @@ DEFAULT_DETECT = ("zero_std_wrong",)
 # rewrites that change what is asked; paraphrases etc. stay available by name (they cost accuracy, DESIGN.md)
 DEFAULT_REWRITERS = ("eliminate_options", "contrast_cue")
 WHEN = ("same_step", "next_batches")  # when rewrites are trained
+# retired setting -> its new name: GroupDiversityCallback still accepts the old name so the CLI parses
+# it, and the settings check refuses it naming the new one (dynamic_sampling read like model.dynamic_sample)
+RENAMED_SETTINGS = {"dynamic_sampling": "requeue_originals"}
 _HIDDEN_METADATA = ("source", "record")  # dropped by Question.to_record(); kept apart in state
 
 
@@ -144,7 +148,7 @@ class GroupDiversityAugmenter:
 
     Args:
         rewriters: rewriter names, {name: ..., <args>} mappings or Rewriter objects (see
-            `augment.rewriters.REWRITERS`); candidates from all of them compete in selection.
+            `augment.registry.REWRITERS`); candidates from all of them compete in selection.
             Default: eliminate_options, contrast_cue (rewrites that change what is asked).
         num_rewrites: rewrites queued per hard question each time it is found hard (next_batches).
         detect: which groups count as hard: any of "zero_std_wrong" (all wrong, no spread; the
@@ -164,7 +168,7 @@ class GroupDiversityAugmenter:
             `q.metadata["temperature"]`; None samples them like any other question.
         lambda_: MMR trade-off in selection: 1 = only far from the original, 0 = only far apart.
         embed: texts -> (n, d) embeddings for selection; None uses token Jaccard (no model).
-        dynamic_sampling: instead of rewriting, re-queue the hard original questions unchanged
+        requeue_originals: instead of rewriting, re-queue the hard original questions unchanged
             (DAPO-style bounded resampling, capped by max_rounds), to compare against GDQA.
         when: "same_step": the module replaces the step's hard no-signal groups by rewrites of the
             same questions (`rewrite_now`), rolled out in the same step; nothing is queued.
@@ -189,7 +193,7 @@ class GroupDiversityAugmenter:
         temperature: float | None = None,
         lambda_: float = 0.5,
         embed: Embed | None = None,
-        dynamic_sampling: bool = False,
+        requeue_originals: bool = False,
         when: str = "same_step",
         max_rounds_per_step: int = 1,
     ) -> None:
@@ -217,7 +221,7 @@ class GroupDiversityAugmenter:
         self.right_reward_threshold = right_reward_threshold
         self.max_fraction, self.max_rounds, self.queue_size = max_fraction, max_rounds, queue_size
         self.seed, self.temperature, self.lambda_ = seed, temperature, lambda_
-        self.embed, self.dynamic_sampling = embed, dynamic_sampling
+        self.embed, self.requeue_originals = embed, requeue_originals
         self.when, self.max_rounds_per_step = when, max_rounds_per_step
 
         self.rng = random.Random(seed)
@@ -317,7 +321,7 @@ class GroupDiversityAugmenter:
         return out
 
     def _rewrites(self, q: Question, step: int) -> list[Question]:
-        if self.dynamic_sampling:
+        if self.requeue_originals:
             meta = {**q.metadata, "augmented_from": q.id, "rewriter": "resample", "augmented": True}
             picked = [q.replace(metadata=meta)]
         else:
@@ -327,7 +331,7 @@ class GroupDiversityAugmenter:
         for r in picked:
             n = self.made.get(q.uid, 0)
             self.made[q.uid] = n + 1
-            tag = f"resample{n}" if self.dynamic_sampling else f"aug{n}-{r.metadata['rewriter']}"
+            tag = f"resample{n}" if self.requeue_originals else f"aug{n}-{r.metadata['rewriter']}"
             out.append(self._stamp(q, r, tag, step))
         return out
 

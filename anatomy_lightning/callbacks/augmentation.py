@@ -26,10 +26,11 @@ from torch import Tensor
 from anatomy_lightning.augment.augmenter import (
     DEFAULT_DETECT,
     DEFAULT_REWRITERS,
+    RENAMED_SETTINGS,
     GroupDiversityAugmenter,
     group_signal_stats,
 )
-from anatomy_lightning.augment.rewriters import Rewriter
+from anatomy_lightning.augment.registry import Rewriter
 from anatomy_lightning.callbacks.group_signal import gather_groups, scheduled_groups
 from anatomy_lightning.data.schema import Question
 
@@ -87,7 +88,7 @@ class GroupDiversityCallback(Callback):
         enabled: False turns the callback into a no-op (keeps a config's knobs for comparison).
         encoder: sentence encoder for diversity selection: None = the default offline MiniLM via
             `SimilarityScorer` if available, else token Jaccard; "jaccard" = no model.
-        dynamic_sampling: re-queue hard original questions unchanged instead of rewriting them
+        requeue_originals: re-queue hard original questions unchanged instead of rewriting them
             (DAPO-style bounded resampling), so the two can be compared (next_batches only).
         when: same_step (default): the step's all-wrong no-signal groups are replaced in the same
             step by rewrites of those questions, rolled out and scored (every completion counts);
@@ -96,6 +97,7 @@ class GroupDiversityCallback(Callback):
             questions they displace are served first in the next batches.
         max_rounds_per_step: same_step: rewrite rounds per step (0 = no same-step replacement).
         log_every_n_steps: compute and log metrics every this many training batches.
+        dynamic_sampling: renamed: use requeue_originals.
     """
 
     def __init__(
@@ -114,11 +116,15 @@ class GroupDiversityCallback(Callback):
         lambda_: float = 0.5,
         encoder: str | None = None,
         enabled: bool = True,
-        dynamic_sampling: bool = False,
+        requeue_originals: bool = False,
         when: str = "same_step",
         max_rounds_per_step: int = 1,
         log_every_n_steps: int = 1,
+        dynamic_sampling: bool | None = None,
     ) -> None:
+        if dynamic_sampling is not None:
+            new = RENAMED_SETTINGS["dynamic_sampling"]
+            raise ValueError(f"augmentation.dynamic_sampling was renamed: use augmentation.{new}")
         if log_every_n_steps < 1:
             raise ValueError(f"GroupDiversityCallback: log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.enabled, self.log_every_n_steps, self.encoder = enabled, log_every_n_steps, encoder
@@ -136,7 +142,7 @@ class GroupDiversityCallback(Callback):
             temperature=temperature,
             lambda_=lambda_,
             embed=None,  # set in setup(): building it may import sentence-transformers
-            dynamic_sampling=dynamic_sampling,
+            requeue_originals=requeue_originals,
             when=when,
             max_rounds_per_step=max_rounds_per_step,
         )

@@ -11,183 +11,24 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from anatomy_lightning.data.audit import curriculum_audit, format_audit
-from anatomy_lightning.data.images import describe_image_issues, probe_images
-from anatomy_lightning.data.loader import load_questions
-from anatomy_lightning.data.prompts import PROMPTS, attach_dataset_prompts
-from anatomy_lightning.data.sampler import Cursor, StageSampler
+from anatomy_lightning.data.batches import Augmenter, QuestionBatch, eval_loader, refill, train_loader
+from anatomy_lightning.data.sampler import StageSampler
 from anatomy_lightning.data.schema import DataError, Question
-from anatomy_lightning.data.similarity import SimilarityScorer, check_aggregation
-from anatomy_lightning.data.stages import STAGINGS, StageThresholds, assign_stages, stage_for
+from anatomy_lightning.data.settings import SimilaritySettings, SyntheticSettings, check_data_arguments
+from anatomy_lightning.data.similarity import SimilarityScorer
+from anatomy_lightning.data.sources import read_questions, write_synthetic_files
+from anatomy_lightning.data.splits import Split, apply_split, hold_out, recorded_split
+from anatomy_lightning.data.stages import StageThresholds, describe_thresholds, stage_against, stage_for
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SyntheticSettings:
-    """The built-in offline benchmark: seeded surgical scenes written as generic JSONL.
-
-    Args:
-        n_train: training questions to write.
-        n_val: validation questions to write.
-        n_test: test questions to write.
-        seed: seed of the scenes, questions and distractors.
-        image_size: side of the square frames, in pixels.
-        grid: scenes are grid x grid cells, one anatomy each (1 = one anatomy per frame).
-        num_options: answer options per question.
-        kinds: question kinds: position, relation, tool.
-        questions_per_scene: questions asked about each scene.
-        unique_scenes: never repeat a layout (a 1x1 grid has only as many layouts as anatomies: set false).
-        out_dir: folder the JSONL files and images are written to.
-    """
-
-    n_train: int = 512
-    n_val: int = 96
-    n_test: int = 192
-    seed: int = 0
-    image_size: int = 56
-    grid: int = 2
-    num_options: int = 4
-    kinds: tuple[str, ...] = ("position", "relation")  # question kinds: position, relation, tool
-    questions_per_scene: int = 2
-    unique_scenes: bool = True  # grid 1 has only as many layouts as anatomies: set false there
-    out_dir: str = "outputs/synthetic"
-    benchmark: str = "v1"  # v2: alike-named anatomies also look alike (docs/benchmark_v2); v3: every class easy and hard (docs/benchmark_v3)
-
-
-@dataclass
-class SimilaritySettings:
-    """S(q), the curriculum's difficulty measure, and how it is cut into stages.
-
-    Args:
-        encoder: sentence encoder for S(q): None = all-MiniLM-L6-v2 (offline package), or a folder / hub id.
-        aggregation: all_pairs (mean cosine over every pair of options, gold-blind) | all_pairs_max |
-            gold_mean (the paper's S(q): gold vs each distractor) | gold_max.
-        stages: per_class (S(q) quantiles within each gold class, so every class is in every stage) |
-            global (one set of quantiles: on SGG-VQA this makes stages a partition of classes).
-        cache_dir: where option embeddings are cached (default: $ANATOMY_LIGHTNING_CACHE).
-    """
-
-    encoder: str | None = None
-    aggregation: str = "all_pairs"
-    stages: str = "per_class"
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        self.aggregation = check_aggregation(self.aggregation)
-        if self.stages not in STAGINGS:
-            raise ValueError(f"data.similarity.stages must be one of {list(STAGINGS)}, got {self.stages!r}")
-
-
-_RENAMED = {  # the flat keys before data.similarity
-    "similarity_encoder": "data.similarity.encoder",
-    "similarity_aggregation": "data.similarity.aggregation",
-    "embedding_cache_dir": "data.similarity.cache_dir",
-}
-
-
-class Augmenter(Protocol):
-    """What the DataModule needs from the augmentation queue (see `augment.augmenter`)."""
-
-    def take(self, n: int, active_stages: set[int] | None = None) -> list[Question]: ...
-
-    def budget(self, batch_size: int) -> int: ...
-
-    # optional (GroupDiversityAugmenter has them): same-step replacement
-    # when: str  ("same_step" | "next_batches"); max_rounds_per_step: int
-    # def same_step_targets(self, questions, group_rewards) -> list[int]: ...
-    # def rewrite_now(self, questions, step, round_) -> list[Question | None]: ...
-
-
-class _Questions(Dataset):
-    def __init__(self, questions: list[Question]) -> None:
-        self.questions = questions
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, key: int | Cursor) -> Question | tuple[Question, Cursor]:
-        if isinstance(key, Cursor):
-            return self.questions[key.index], key
-        return self.questions[key]
-
-
-class _RankSlice(Sampler[int]):
-    """Sequential evaluation order, one contiguous slice per rank (no padding, no duplicates).
-
-    Slice sizes differ by at most one, so no rank is left without questions while another has
-    some: a rank with an empty loader skips validation and the others would wait for it forever
-    in the cross-rank reductions of the accuracy.
-    """
-
-    def __init__(self, n: int, rank: int, world_size: int, what: str = "evaluation") -> None:
-        if 0 < n < world_size:
-            raise DataError(
-                f"data: {n} {what} questions cannot be split over {world_size} processes (each needs at least one); "
-                f"add {what} questions or run on at most {n} devices"
-            )
-        self.indices = list(range(rank * n // world_size, (rank + 1) * n // world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class _TrainLoader(DataLoader):
-    """The training DataLoader, marked resumable for Lightning.
-
-    The position inside the epoch lives in the `StageSampler` and is checkpointed with the
-    DataModule's own `state_dict`; these two methods only tell Lightning that the loader resumes
-    mid-epoch, so it does not warn that resuming from a mid-epoch checkpoint is unreliable.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def _own_generator(seed: int) -> torch.Generator:
-    """A private generator for a DataLoader: creating an iterator then draws its worker base seed
-    from here instead of the global torch RNG, so starting an epoch (or a resumed run) does not
-    shift the random stream that sampling completions uses."""
-    return torch.Generator().manual_seed(seed)
-
-
-class QuestionBatch:
-    """A batch of questions (and, in training, their sampler cursors) kept opaque to Lightning.
-
-    Under `bf16-true` / `16-true` precision Lightning's `convert_input` walks every batch to cast
-    float tensors, recursing into lists and dataclasses, and refuses frozen dataclasses such as
-    `Question`: every real-GPU config would crash on its first batch. Our batches hold no tensors
-    (prompts are encoded on the device in the module), so nothing needs casting; the DataModule
-    unwraps the batch in `on_before_batch_transfer`, after that walk.
-    """
-
-    __slots__ = ("questions", "cursors")
-
-    def __init__(self, questions: list[Question], cursors: list[Cursor] | None = None) -> None:
-        self.questions, self.cursors = questions, cursors
-
-
-def _collate_train(items: list[tuple[Question, Cursor]]) -> QuestionBatch:
-    return QuestionBatch([q for q, _ in items], [c for _, c in items])
-
-
-def _collate_eval(items: list[Question]) -> QuestionBatch:
-    return QuestionBatch(list(items))
 
 
 class AnatomyVQADataModule(L.LightningDataModule):
@@ -264,28 +105,18 @@ class AnatomyVQADataModule(L.LightningDataModule):
             max_val_questions: cap on validation questions (validation drives the curriculum; it costs).
             seed: seed of the validation split and of the sampler's order.
             test_fraction: with test_split "heldout", the share of train_file held out for `test`.
-            predict_file: the questions `predict` answers (greedy) into model.predictions_file;
+            predict_file: the questions `predict` answers (greedy) into evaluation.predictions_file;
                 None = the test questions. Staged with the training set's S(q) thresholds.
             similarity_encoder: renamed: use data.similarity.encoder.
             similarity_aggregation: renamed: use data.similarity.aggregation.
             embedding_cache_dir: renamed: use data.similarity.cache_dir.
         """
         super().__init__()
-        old = {"similarity_encoder": similarity_encoder, "similarity_aggregation": similarity_aggregation,
-               "embedding_cache_dir": embedding_cache_dir}
-        for key, value in old.items():
-            if value is not None:
-                raise ValueError(f"data.{key} was renamed: use {_RENAMED[key]}")
-        if synthetic is None and train_file is None and test_file is None:
-            raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
-        if prompt not in PROMPTS:
-            raise ValueError(f"data.prompt must be one of {list(PROMPTS)}, got {prompt!r}")
-        if on_bad_record not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-        if test_split not in (None, "heldout"):
-            raise ValueError(f"data.test_split must be null (test needs data.test_file) or 'heldout', got {test_split!r}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"data.test_fraction must be between 0 and 1, got {test_fraction}")
+        retired = {"similarity_encoder": similarity_encoder, "similarity_aggregation": similarity_aggregation,
+                   "embedding_cache_dir": embedding_cache_dir}
+        has_source = synthetic is not None or train_file is not None or test_file is not None
+        check_data_arguments(retired, has_source=has_source, prompt=prompt, on_bad_record=on_bad_record,
+                             test_split=test_split, test_fraction=test_fraction)
         self.save_hyperparameters(logger=False)
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.format, self.fields = format, fields
@@ -308,66 +139,19 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.augmenter: Augmenter | None = None
         self._pending_state: dict[str, Any] | None = None
         self._pool: list[Question] = []  # train_file's questions in file order, before any hold-out
-        self.split: dict[str, list[str] | None] = {"val": None, "test": None}  # held-out uids (fractions only)
+        self.split: Split = {"val": None, "test": None}  # held-out uids (fractions only), see `data.splits`
         self.test_source = ""  # what `test` scores, for its banner
         self._prepared = False
 
     # -- loading -------------------------------------------------------------------------------
     def _load(self, path: str, image_root: str | None) -> list[Question]:
-        report = load_questions(
-            path,
-            format=self.format,
-            on_bad_record=self.on_bad_record,
-            image_root=image_root,
-            check_images=False,  # the pre-flight below probes every image itself; the missing list is unused here
-            fields=self.fields,
-        )
-        if report.skipped:
-            log.warning("%s: skipped %d bad records (%s)", path, report.skipped, ", ".join(report.problems))
-        for reason, n in report.warnings.items():
-            log.warning("%s: %s x%d, e.g. %s", path, reason, n, "; ".join(report.warning_examples[reason][:3]))
-        if self.check_images:
-            self._preflight_images(path, report.questions, report.unit)
-        if self.prompt == "dataset":
-            self._pin_prompts(path, report.questions, report.format)
-        log.info("%s: %d questions (%s format)", path, len(report.questions), report.format)
-        return report.questions
-
-    def _pin_prompts(self, path: str, questions: list[Question], fmt: str) -> None:
-        missing = attach_dataset_prompts(questions)
-        if missing == len(questions):
-            raise DataError(
-                f"data.prompt: dataset, but {path} ({fmt} format) carries no prompt of its own (formats that do: "
-                "anatomy_r1 `instruction`, r1 and medvlm_r1 `problem`, easyr1 `prompt`, medxpertqa `question`, "
-                "generic metadata.prompt); use data.prompt: template"
-            )
-        if missing:
-            log.warning("%s: %d of %d questions have no prompt of their own and use the template", path, missing,
-                        len(questions))
-
-    def _preflight_images(self, path: str, questions: list[Question], unit: str) -> None:
-        """Open every image once (size and mode, in a thread pool) before any model work, so a
-        corrupt, empty or folder path stops the run now instead of when a batch reaches it."""
-        issues = probe_images(p for q in questions for p in q.images)
-        if issues:
-            hint = "set data.image_root to the folder the paths are relative to, or fix or drop these records"
-            raise DataError(f"{describe_image_issues(issues, questions, path, unit)}\n{hint}")
-
-    def _synthetic_files(self) -> dict[str, Path]:
-        from anatomy_lightning.data.synthetic import write_synthetic_dataset
-
-        s = self.synthetic
-        assert s is not None
-        return write_synthetic_dataset(
-            s.out_dir, s.n_train, s.n_val, s.n_test, seed=s.seed,
-            image_size=s.image_size, grid=s.grid, num_options=s.num_options, kinds=tuple(s.kinds),
-            questions_per_scene=s.questions_per_scene, unique_scenes=s.unique_scenes, benchmark=s.benchmark,
-        )
+        return read_questions(path, image_root, format=self.format, fields=self.fields, on_bad_record=self.on_bad_record,
+                              check_images=self.check_images, prompt=self.prompt)
 
     def prepare_data(self) -> None:
         # Runs on one process per node: write the synthetic files once, before any rank reads them.
         if self.synthetic is not None:
-            self._synthetic_files()
+            write_synthetic_files(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         if not self._prepared:
@@ -382,7 +166,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def _setup(self) -> None:
         if self.synthetic is not None:
-            files = self._synthetic_files()
+            files = write_synthetic_files(self.synthetic)
             root = str(files["train"].parent)
             self.train_questions = self._load(str(files["train"]), root)
             self.val_questions = self._load(str(files["val"]), root)
@@ -393,7 +177,9 @@ class AnatomyVQADataModule(L.LightningDataModule):
         else:
             if self.train_file:
                 self._pool = self._load(self.train_file, self.image_root)
-                self.split = self._hold_out(self._pool)
+                self.split = hold_out(self._pool, self.seed, self.val_fraction, self.test_fraction,
+                                      hold_val=not self.val_file, hold_test=self._scores_heldout(),
+                                      source=str(self.train_file))
             if self.val_file:
                 self.val_questions = self._load(self.val_file, self.image_root)
             if self.test_file:
@@ -406,24 +192,6 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self._score()
 
     # -- held-out splits -----------------------------------------------------------------------
-    def _hold_out(self, pool: list[Question]) -> dict[str, list[str] | None]:
-        """uids of the validation (val_fraction, without val_file) and held-out test (test_split
-        heldout, without test_file) shares of train_file: one seeded shuffle, validation first,
-        so turning the test hold-out on leaves the validation split as it was."""
-        order = list(range(len(pool)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, int(len(order) * self.val_fraction)) if not self.val_file and self.val_fraction > 0 else 0
-        heldout = self._scores_heldout()
-        n_test = max(1, int(len(order) * self.test_fraction)) if heldout else 0
-        if pool and n_val + n_test >= len(pool):
-            raise DataError(
-                f"data: {self.train_file} has {len(pool)} questions; holding out {n_val} for validation and {n_test} "
-                "for test leaves none to train on; lower data.val_fraction / data.test_fraction or give data.val_file"
-            )
-        val, test = sorted(order[:n_val]), sorted(order[n_val:n_val + n_test])  # uids in file order
-        return {"val": [pool[i].uid for i in val] if n_val else None,
-                "test": [pool[i].uid for i in test] if heldout else None}
-
     def _scores_heldout(self) -> bool:
         return self.test_split == "heldout" and not self.test_file and self.synthetic is None
 
@@ -431,21 +199,12 @@ class AnatomyVQADataModule(L.LightningDataModule):
         """train / val / held-out test questions from `self._pool` and the uids in `self.split`."""
         if not self._pool:
             return
-        known = {q.uid for q in self._pool}
-        for what, uids in self.split.items():
-            lost = [u for u in uids or [] if u not in known]
-            if lost:
-                raise DataError(
-                    f"data: the checkpoint's {what} split holds {len(lost)} questions that are not in "
-                    f"data.train_file {self.train_file} (e.g. {lost[:3]}); the file changed since training: pass the "
-                    f"file the checkpoint was trained on, or give data.{what}_file"
-                )
-        val, test = set(self.split["val"] or ()), set(self.split["test"] or ())
-        self.train_questions = [q for q in self._pool if q.uid not in val and q.uid not in test]
-        if self.split["val"] is not None:
-            self.val_questions = [q for q in self._pool if q.uid in val]
-        if self.split["test"] is not None and self._scores_heldout():
-            self.test_questions = [q for q in self._pool if q.uid in test]
+        train, val, test = apply_split(self._pool, self.split, str(self.train_file))
+        self.train_questions = train
+        if val is not None:
+            self.val_questions = val
+        if test is not None and self._scores_heldout():
+            self.test_questions = test
         if self.max_val_questions:
             self.val_questions = self.val_questions[: self.max_val_questions]
 
@@ -485,16 +244,10 @@ class AnatomyVQADataModule(L.LightningDataModule):
         """Stages from the training set's S(q) quantiles (every question is scored already)."""
         everything = self.train_questions + self.val_questions + self.test_questions
         reference = self.train_questions or everything
-        self.stage_thresholds = assign_stages(reference, self.num_stages, by=self.similarity.stages)
-        in_reference = {id(q) for q in reference}
-        for q in everything:
-            if id(q) not in in_reference:
-                q.stage = stage_for(q, self.stage_thresholds)
+        self.stage_thresholds = stage_against(reference, everything, self.num_stages, self.similarity.stages)
         counts = Counter(q.stage for q in self.train_questions)
-        shown = self.stage_thresholds
-        if isinstance(shown, StageThresholds):
-            shown = f"per class ({len(shown.per_class)} classes; global {[round(t, 4) for t in shown.global_]})"
-        log.info("curriculum stages (train): %s, thresholds %s", dict(sorted(counts.items())), shown)
+        log.info("curriculum stages (train): %s, thresholds %s", dict(sorted(counts.items())),
+                 describe_thresholds(self.stage_thresholds))
 
     # -- curriculum and augmentation interface ---------------------------------------------------
     def set_active_stages(
@@ -572,25 +325,11 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self.sampler
 
     def train_dataloader(self) -> DataLoader:
-        return _TrainLoader(
-            _Questions(self.train_questions),
-            batch_size=self.batch_size,
-            sampler=self._sampler(),
-            collate_fn=_collate_train,
-            num_workers=self.num_workers,
-            generator=_own_generator(self.seed),
-        )
+        return train_loader(self.train_questions, self._sampler(), self.batch_size, self.num_workers, self.seed)
 
     def _eval_loader(self, questions: list[Question], what: str) -> DataLoader:
         rank, world = self._rank_world()
-        return DataLoader(
-            _Questions(questions),
-            batch_size=self.eval_batch_size,
-            sampler=_RankSlice(len(questions), rank, world, what),
-            collate_fn=_collate_eval,
-            num_workers=self.num_workers,
-            generator=_own_generator(self.seed),
-        )
+        return eval_loader(questions, self.eval_batch_size, rank, world, what, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_questions, "validation")
@@ -622,21 +361,14 @@ class AnatomyVQADataModule(L.LightningDataModule):
         if self.sampler is not None:
             for c in cursors:
                 self.sampler.consumed(c)
-        if self._deferred:  # questions displaced by rewrites earlier: served first, none is lost
-            by_uid = {q.uid: q for q in self.train_questions}
-            questions = [by_uid[u] for u in self._deferred if u in by_uid] + questions
-            self._deferred = ()
-        size = len(batch.questions)
         extra: list[Question] = []
         if self.augmenter is not None and not self._augments_same_step():
             rank, world = self._rank_world()
-            n = self.augmenter.budget(size)
+            n = self.augmenter.budget(len(questions))
             # every rank holds the same queue: take for all ranks, keep this rank's share
             extra = self.augmenter.take(n * world, self.active_stages)[rank::world]
-        keep = size - len(extra)
-        # what does not fit waits for the next batch, in order (uids: the checkpoint stays plain data)
-        self._deferred = tuple(q.uid for q in questions[keep:])
-        return questions[:keep] + extra
+        questions, self._deferred = refill(questions, self._deferred, self.train_questions, extra)
+        return questions
 
     # -- state ---------------------------------------------------------------------------------
     # uids of training questions displaced by injected rewrites (augmentation.when: next_batches),
@@ -662,34 +394,26 @@ class AnatomyVQADataModule(L.LightningDataModule):
         else:
             self._pending_state = sampler_state
 
-
     def _restore_split(self, split: dict[str, Any] | None, recorded: bool) -> None:
         """Re-split train_file as the checkpoint's run did (setup runs before the checkpoint is read)."""
         if not self._pool:
             return
-        heldout = self._scores_heldout()
         if not recorded:
             log.warning("the checkpoint records no data split (written by an older version): the split is "
                         "recomputed from data.seed and the fractions")
             return
-        if heldout and (split is None or split.get("test") is None):
-            raise DataError(
-                "data.test_split is heldout, but the checkpoint was trained without it, so its run trained on "
-                f"every question of {self.train_file} outside validation; set data.test_file to a file it never saw"
-            )
-        if split is None:
+        restored = recorded_split(split, scores_heldout=self._scores_heldout(), has_val_file=bool(self.val_file),
+                                  source=str(self.train_file))
+        if restored is None or restored == self.split:
             return
-        # a test hold-out stays out of training even if this run does not score it (resuming a fit)
-        restored = {"val": None if self.val_file else split.get("val"), "test": split.get("test")}
-        if restored != self.split:
-            log.info("data: using the validation/test split recorded in the checkpoint")
-            self.split = restored
-            self.val_questions = [] if restored["val"] is None and not self.val_file else self.val_questions
-            self._apply_split()
-            self._assign_stages()
-            self._audit()
-            if self.sampler is not None:  # a sampler over the old training list is stale
-                self.sampler = None
+        log.info("data: using the validation/test split recorded in the checkpoint")
+        self.split = restored
+        self.val_questions = [] if restored["val"] is None and not self.val_file else self.val_questions
+        self._apply_split()
+        self._assign_stages()
+        self._audit()
+        if self.sampler is not None:  # a sampler over the old training list is stale
+            self.sampler = None
 
 
 def stage_of(similarity: float, thresholds: Sequence[float] | StageThresholds, answer_text: str = "") -> int:

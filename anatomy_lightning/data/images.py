@@ -74,6 +74,21 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         ) from None
 
 
+class ImageCache:
+    """Decoded images by path, so a small (synthetic) set is decoded once per run, not once per step."""
+
+    def __init__(self, max_items: int = 4096) -> None:
+        self.max_items, self._images = max_items, {}
+
+    def load(self, path: str) -> Image.Image:
+        img = self._images.get(path)
+        if img is None:
+            img = load_image(path)
+            if len(self._images) < self.max_items:
+                self._images[path] = img
+        return img
+
+
 def check_image(path: str | os.PathLike[str]) -> str | None:
     """A cheap check (header and checksums, no decode): None if fine, else the problem message."""
     issue = probe_image(path)

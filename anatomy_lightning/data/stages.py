@@ -18,7 +18,7 @@ import numpy as np
 
 from anatomy_lightning.data.schema import Question
 
-__all__ = ["STAGINGS", "StageThresholds", "Thresholds", "assign_stages", "stage_for"]
+__all__ = ["STAGINGS", "StageThresholds", "Thresholds", "assign_stages", "describe_thresholds", "stage_against", "stage_for"]
 
 STAGINGS = ("per_class", "global")  # assign_stages(by=...)
 
@@ -109,6 +109,27 @@ def assign_stages(
         for rank, i in enumerate(order):
             questions[i].stage = rank * num_stages // len(order)
     return staged
+
+
+def stage_against(
+    reference: list[Question], everything: Iterable[Question], num_stages: int, by: str
+) -> list[float] | StageThresholds:
+    """Stage `reference` by its own S(q) quantiles (`assign_stages`) and every other question of
+    `everything` by the thresholds that gives: the training set sets the cuts, so validation and
+    test accuracy per stage use the same ones. Returns the thresholds."""
+    thresholds = assign_stages(reference, num_stages, by=by)
+    in_reference = {id(q) for q in reference}
+    for q in everything:
+        if id(q) not in in_reference:
+            q.stage = stage_for(q, thresholds)
+    return thresholds
+
+
+def describe_thresholds(thresholds: Thresholds) -> Any:
+    """Thresholds for a log line: global ones as they are, per-class ones summarised."""
+    if isinstance(thresholds, StageThresholds):
+        return f"per class ({len(thresholds.per_class)} classes; global {[round(t, 4) for t in thresholds.global_]})"
+    return thresholds
 
 
 def _thresholds(values: np.ndarray, k: int) -> list[float]:

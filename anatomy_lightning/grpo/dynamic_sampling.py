@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.rollout import Rollout
+from anatomy_lightning.grpo.advantages import group_advantages
+from anatomy_lightning.grpo.rollout import Rollouts
+from anatomy_lightning.grpo.sequences import Rollout
 
-__all__ = ["Piece", "Selection", "dynamic_sample", "merge_pieces"]
+__all__ = ["Piece", "Selection", "StepSampler", "dynamic_sample", "merge_pieces"]
 
 
 @dataclass
@@ -128,3 +131,84 @@ def merge_pieces(
         {name: torch.cat(parts) for name, parts in per_fn.items()},
     )
 
+
+
+Score = Callable[[Rollout, list[Question]], tuple[Tensor, dict[str, Tensor]]]
+StepBatch = tuple[list[Question], Rollout, Tensor, dict[str, Tensor], Selection]
+
+
+class StepSampler:
+    """The rollout a training step learns from, with dynamic sampling and same-step GDQA.
+
+    The batch is rolled out and scored; with same-step augmentation its hard groups without signal
+    are first replaced by rewrites of the same questions (the DataModule's `replacement_questions`,
+    `rewrite_rounds` rounds: a question whose rewrite got signal is done, the others are rewritten
+    again), then with `model.dynamic_sample` fresh prompts are drawn (`resample_questions`,
+    `fresh_rounds` rounds) for what is still without signal. Groups still without signal fill the
+    batch, the scheduled ones first.
+    """
+
+    def __init__(self, rollouts: Rollouts, score: Score, sampling: dict[str, Any], num_generations: int,
+                 scale_rewards: bool | str, std_tol: float) -> None:
+        self.rollouts, self.score, self.sampling = rollouts, score, sampling
+        self.G, self.scale_rewards, self.std_tol = num_generations, scale_rewards, std_tol
+
+    def piece(self, questions: list[Question]) -> Piece:
+        """Roll out and score `questions`: one Piece of a (dynamically sampled) step."""
+        ro = self.rollouts.sample(questions, self.G, **self.sampling)
+        rewards, per_fn = self.score(ro, questions)  # NaN where no reward function could score
+        signal = group_advantages(rewards, self.G, scale_rewards=self.scale_rewards, std_tol=self.std_tol)
+        return Piece(questions, ro, rewards, per_fn, signal.has_signal.cpu())
+
+    def sample(self, batch: list[Question], datamodule: Any, step: int, fresh_rounds: int,
+               rewrite_rounds: int) -> tuple[StepBatch, dict[str, int]]:
+        """(questions, rollout, rewards, per-function rewards, selection) of the step, and the draw counts."""
+        first = self.piece(batch)
+        rewrite = rewrite_rounds if not bool(first.has_signal.all()) else 0
+        draw, counts = self._draws(first, datamodule, step, rewrite, fresh_rounds)
+        sel = dynamic_sample(first, draw, rewrite + fresh_rounds)
+        if sel.unchanged:
+            return (batch, first.rollout, first.rewards, first.per_fn, sel), counts
+        return (*self.merged(sel), sel), counts
+
+    def merged(self, sel: Selection) -> tuple[list[Question], Rollout, Tensor, dict[str, Tensor]]:
+        """The picked groups of several rollouts as one Rollout (prompts re-encoded, completions as sampled)."""
+        pad_id = self.rollouts.processor.tokenizer.pad_token_id
+        questions, ids, mask, truncated, texts, rewards, per_fn = merge_pieces(sel, pad_id)
+        ro = self.rollouts.from_completions(questions, ids, mask, truncated, texts, self.G)
+        return questions, ro, rewards, per_fn
+
+    def _draws(self, first: Piece, datamodule: Any, step: int, rewrite_rounds: int,
+               fresh_rounds: int) -> tuple[Callable[[int, int], Piece | None], dict[str, int]]:
+        """`dynamic_sample`'s resample function for this step: rewrites first, then fresh prompts."""
+        rewards = first.rewards.detach().view(-1, self.G).cpu()
+        pending = [g for g in range(len(first.questions)) if not bool(first.has_signal[g])]
+        counts = {"rewrite_rounds": 0, "fresh_rounds": 0, "rewrites": 0}
+
+        def draw(n: int, round_: int) -> Piece | None:
+            nonlocal pending
+            if counts["rewrite_rounds"] < rewrite_rounds and pending:
+                counts["rewrite_rounds"] += 1
+                pairs = datamodule.replacement_questions(
+                    [first.questions[g] for g in pending], rewards[pending], step, counts["rewrite_rounds"]
+                )[:n]
+                if pairs:
+                    piece = self.piece([r for _, r in pairs])
+                    counts["rewrites"] += len(pairs)
+                    # originals whose rewrite still has no signal are rewritten again next round
+                    pending = [pending[i] for k, (i, _) in enumerate(pairs) if not bool(piece.has_signal[k])]
+                    return piece
+                pending = []
+            if counts["fresh_rounds"] < fresh_rounds:
+                counts["fresh_rounds"] += 1
+                resample = getattr(datamodule, "resample_questions", None)
+                if resample is None:
+                    raise ValueError(
+                        "model.dynamic_sample needs a datamodule with resample_questions(n, key) "
+                        "(AnatomyVQADataModule has it); set model.dynamic_sample: false"
+                    )
+                questions = resample(n, f"{step}/{counts['fresh_rounds']}")
+                return self.piece(questions) if questions else None
+            return None
+
+        return draw, counts

@@ -1,197 +1,41 @@
-"""The GRPO maths as plain tensor functions: group advantages, per-token log-probs and entropies,
-k3 KL, the loss variants (each picked by name from `LOSS_AGGREGATIONS`), and the metrics a TRL user
-reads, returned as sums and counts so that row chunks and ranks combine exactly.
+"""The GRPO losses as plain tensor functions: k3 KL, the clipped surrogate and every aggregation
+(each picked by name from `LOSS_AGGREGATIONS`), with the metrics a TRL user reads returned as sums
+and counts so that row chunks and ranks combine exactly (`grpo.metrics`).
 
 Nothing here knows about models or trainers, so every formula is testable with hand-made tensors.
-The only collective calls are in `global_token_count`, `high_entropy_threshold` and
-`combine_chunk_metrics`, and only when `torch.distributed` is initialised. Shapes: B = N * G
-completions (N prompts, G completions each, consecutive in the batch), T completion tokens,
-V vocabulary.
+The only collective calls are in `global_token_count` and `high_entropy_threshold`, and only when
+`torch.distributed` is initialised. Shapes: B = N * G completions (N prompts, G completions each,
+consecutive in the batch), T completion tokens. Advantages are `grpo.advantages`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from anatomy_lightning.distributed import world_size
+
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "LOSS_AGGREGATIONS",
-    "SCALE_REWARDS",
-    "GroupAdvantages",
     "LossOutput",
     "chunk_weight",
-    "combine_chunk_metrics",
-    "completion_length_metrics",
     "global_token_count",
-    "group_advantages",
     "grpo_loss",
     "high_entropy_threshold",
     "is_finite_loss",
     "kl_k3",
-    "token_logprobs",
-    "token_logprobs_and_entropy",
 ]
 
-SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
-def _world() -> int:
-    """Number of processes when torch.distributed is initialised, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-# --- advantages --------------------------------------------------------------------------------
-
-
-@dataclass
-class GroupAdvantages:
-    """Per-completion advantages plus the group statistics the trainer logs.
-
-    `has_signal[n]` is False for a group whose scored rewards are (numerically) all equal, or that
-    has fewer than two scored members: it gives no gradient, and the share of such groups is the
-    paper's invalid gradient ratio. `scored[i]` is False where no reward function could score
-    completion i (its reward is NaN): it is left out of every statistic and has advantage 0.
-    """
-
-    advantages: Tensor  # (B,)
-    group_mean: Tensor  # (N,) mean of the scored rewards; 0 for a group with none scored
-    group_std: Tensor  # (N,) sample std (Bessel-corrected) of the scored rewards; 0 below 2
-    has_signal: Tensor  # (N,) bool
-    scored: Tensor | None = None  # (B,) bool
-
-    def metrics(self) -> dict[str, float]:
-        """TRL's `reward_std` (mean group std) and `frac_reward_zero_std`, as plain floats."""
-        return {
-            "reward_std": float(self.group_std.float().mean()),
-            "frac_reward_zero_std": float((~self.has_signal).float().mean()),
-        }
-
-
-def _scale_mode(scale_rewards: bool | str) -> str:
-    """True -> "group", False -> "none" (the old boolean spelling), else one of SCALE_REWARDS."""
-    if scale_rewards is True:
-        return "group"
-    if scale_rewards is False:
-        return "none"
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(
-            f"scale_rewards={scale_rewards!r}; choose one of {', '.join(SCALE_REWARDS)} "
-            "(True means 'group', False means 'none')"
-        )
-    return str(scale_rewards)
-
-
-def _masked_std(values: Tensor, keep: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
-    """(mean, sample std) of `values` where `keep`, along `dim` (all when None); std 0 below 2."""
-    k = keep.to(values.dtype)
-    n = k.sum() if dim is None else k.sum(dim)
-    x = torch.where(keep, values, torch.zeros_like(values))
-    mean = (x.sum() if dim is None else x.sum(dim)) / n.clamp(min=1)
-    centred = torch.where(keep, values - (mean if dim is None else mean.unsqueeze(dim)), 0.0)
-    sq = centred.square()
-    var = (sq.sum() if dim is None else sq.sum(dim)) / (n - 1).clamp(min=1)
-    std = torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
-    return mean, std
-
-
-def group_advantages(
-    rewards: Tensor,
-    group_size: int,
-    scale_rewards: bool | str = True,
-    std_tol: float = 1e-6,
-    eps: float = 1e-4,
-) -> GroupAdvantages:
-    """A_i = r_i - mean(group), divided by (std + eps) unless `scale_rewards` is "none".
-
-    `scale_rewards`: "group" (True) divides by the group's std, "batch" by the std of all scored
-    rewards of the batch (PPO-Lite, TRL's "batch"), "none" (False) not at all (Dr. GRPO). The std is
-    the sample (N-1) std, as `torch.std` and TRL use. A group whose std is below `std_tol`, or with
-    fewer than two scored members, has no signal and gets advantages of exactly 0: rewards like
-    0.3, 0.3, 0.3 leave ~1e-8 of float noise that division by (std + eps) would otherwise turn into
-    a spurious, sign-random gradient. A NaN reward means "could not be scored" (a reward function
-    returned None for it): that completion is left out of the mean and std and gets advantage 0.
-    """
-    mode = _scale_mode(scale_rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must have shape (B,), got {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"group_size={group_size} does not divide the {rewards.numel()} rewards; the batch "
-            "must hold whole groups of consecutive completions (B = num_prompts * group_size)"
-        )
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    if torch.isinf(rewards).any():
-        raise ValueError(f"rewards contain inf: {rewards.tolist()}; check the reward functions")
-
-    scored = ~torch.isnan(rewards)  # (B,)
-    grouped = rewards.view(-1, group_size)  # (N, G)
-    keep = scored.view(-1, group_size)
-    mean, std = _masked_std(grouped, keep, dim=1)  # (N,), (N,)
-    has_signal = (keep.sum(1) >= 2) & (std >= std_tol)
-
-    centred = torch.where(keep, grouped - mean[:, None], torch.zeros_like(grouped))
-    if mode == "group":
-        centred = centred / (std[:, None] + eps)
-    elif mode == "batch":
-        _, batch_std = _masked_std(rewards, scored)
-        centred = centred / (batch_std + eps)
-    live = has_signal[:, None] & keep
-    advantages = torch.where(live, centred, torch.zeros_like(centred))
-    return GroupAdvantages(advantages.reshape(-1), mean, std, has_signal, scored)
-
-
 # --- per-token quantities ----------------------------------------------------------------------
-
-
-def _check_logits(logits: Tensor, targets: Tensor) -> None:
-    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (B, T, V) and targets (B, T), got {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
-
-
-def token_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 0) -> Tensor:
-    """log p(target) per position: gather(logits) - logsumexp(logits), in float32.
-
-    Avoids materialising the (B, T, V) log-softmax; with `chunk_size` > 0 only that many rows of
-    B are upcast at a time, which bounds the float32 copy for a 150k vocabulary. Temperature is
-    the caller's business (divide the logits before calling).
-    """
-    return token_logprobs_and_entropy(logits, targets, chunk_size, entropy=False)[0]
-
-
-def token_logprobs_and_entropy(
-    logits: Tensor, targets: Tensor, chunk_size: int = 0, entropy: bool = True
-) -> tuple[Tensor, Tensor | None]:
-    """(log p(target), entropy of the next-token distribution) per position, both float32.
-
-    The entropy H = logsumexp(z) - sum softmax(z) * z is computed without gradient, as TRL does:
-    it is a diagnostic and a mask criterion (`top_entropy_quantile`), never a loss term here.
-    Same chunking as `token_logprobs`; the entropy is None when `entropy` is False.
-    """
-    _check_logits(logits, targets)
-    step = chunk_size if chunk_size > 0 else max(1, logits.shape[0])
-    logps, ents = [], []
-    for lg, tg in zip(logits.split(step), targets.split(step)):
-        lg = lg.float()  # (b, T, V)
-        lse = torch.logsumexp(lg, dim=-1)  # (b, T)
-        logps.append(lg.gather(-1, tg.long().unsqueeze(-1)).squeeze(-1) - lse)
-        if entropy:
-            with torch.no_grad():
-                ents.append(lse - (torch.softmax(lg, dim=-1) * lg).sum(-1))
-    if not logps:
-        empty = logits.new_zeros(targets.shape, dtype=torch.float32)
-        return empty, (empty.clone() if entropy else None)
-    return torch.cat(logps), (torch.cat(ents) if entropy else None)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, linear_beyond: float = 50.0) -> Tensor:
@@ -217,7 +61,7 @@ def global_token_count(mask: Tensor) -> Tensor:
     Every rank must call it (all_reduce) when torch.distributed is initialised.
     """
     count = mask.detach().float().sum()
-    if _world() > 1:
+    if world_size() > 1:
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
     return count
 
@@ -237,9 +81,9 @@ def high_entropy_threshold(
     if top_entropy_quantile >= 1.0:
         return torch.tensor(-math.inf, device=entropy.device)
     local = entropy.detach()[mask.bool()].float()
-    if across_ranks and _world() > 1:  # ranks hold different token counts: gather padded, then drop the padding
+    if across_ranks and world_size() > 1:  # ranks hold different token counts: gather padded, then drop the padding
         n = torch.tensor([local.numel()], device=local.device)
-        sizes = [torch.zeros_like(n) for _ in range(_world())]
+        sizes = [torch.zeros_like(n) for _ in range(world_size())]
         dist.all_gather(sizes, n)
         width = int(max(s.item() for s in sizes))
         padded = torch.full((width,), math.nan, device=local.device)
@@ -412,7 +256,7 @@ def grpo_loss(
     """
     _check_options(loss_type, importance_sampling_level, top_entropy_quantile, entropy, entropy_threshold)
     _check_shapes(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy)
-    world = _world() if num_processes is None else num_processes
+    world = world_size() if num_processes is None else num_processes
     if loss_type == "dapo" and num_items_in_batch is None and world > 1:
         raise ValueError(
             f"loss_type 'dapo' on {world} processes needs num_items_in_batch, the token count of "
@@ -494,74 +338,16 @@ def grpo_loss(
                 out.mins["clip_ratio/low_min"] = float(per_seq.min()) if per_seq.numel() else math.inf
             elif name == "high":
                 out.maxs["clip_ratio/high_max"] = float(per_seq.max()) if per_seq.numel() else -math.inf
-    out.metrics.update(_finish(out.sums, out.counts, out.mins, out.maxs))
+    out.metrics.update(finish_means(out.sums, out.counts, out.mins, out.maxs))
     return out
 
 
-def _finish(
+def finish_means(
     sums: dict[str, float], counts: dict[str, float], mins: dict[str, float], maxs: dict[str, float]
 ) -> dict[str, float]:
     """Means from sums and counts, extremes as they are; 0.0 where nothing was counted."""
     out = {k: (sums[k] / counts[k] if counts.get(k) else 0.0) for k in sums}
     out.update({k: (v if math.isfinite(v) else 0.0) for k, v in {**mins, **maxs}.items()})
-    return out
-
-
-def combine_chunk_metrics(outputs: Iterable[LossOutput], across_ranks: bool = True) -> dict[str, float]:
-    """Exact batch metrics from row chunks: sum of numerators over sum of denominators.
-
-    Token means (`kl`, `entropy`, `clip_ratio/*_mean`) are weighted by token, not by row, and
-    `clip_ratio/low_min` / `high_max` are the min / max over every sequence, as TRL 1.16 logs them.
-    With `across_ranks` and torch.distributed initialised the reduction also spans the ranks (every
-    rank must call this). `alpha` is not here: it belongs to the whole batch
-    (`GroupAdvantages.has_signal`), not to a chunk.
-    """
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    mins: dict[str, float] = {}
-    maxs: dict[str, float] = {}
-    for out in outputs:
-        for k, v in out.sums.items():
-            sums[k] = sums.get(k, 0.0) + v
-            counts[k] = counts.get(k, 0.0) + out.counts.get(k, 0.0)
-        for k, v in out.mins.items():
-            mins[k] = min(mins.get(k, math.inf), v)
-        for k, v in out.maxs.items():
-            maxs[k] = max(maxs.get(k, -math.inf), v)
-    if across_ranks and _world() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        keys = sorted(sums)
-        packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        sums = dict(zip(keys, packed[: len(keys)].tolist()))
-        counts = dict(zip(keys, packed[len(keys) :].tolist()))
-        for table, op in ((mins, dist.ReduceOp.MIN), (maxs, dist.ReduceOp.MAX)):
-            names = sorted(table)
-            if names:
-                t = torch.tensor([table[k] for k in names], dtype=torch.float64, device=device)
-                dist.all_reduce(t, op=op)
-                table.update(zip(names, t.tolist()))
-    return _finish(sums, counts, mins, maxs)
-
-
-def completion_length_metrics(lengths: Tensor, truncated: Tensor) -> dict[str, float]:
-    """TRL's `completions/*` tags from completion lengths (B,) and truncation flags (B,).
-
-    "terminated" completions are those that ended with the stop token, i.e. not truncated at the
-    generation limit; with none terminated their statistics are 0, as in TRL. Gather lengths and
-    flags from all ranks first for a multi-process figure.
-    """
-    lengths = lengths.detach().float().flatten()
-    truncated = truncated.detach().bool().flatten()
-    term = lengths[~truncated]
-    out = {
-        "completions/mean_length": float(lengths.mean()) if lengths.numel() else 0.0,
-        "completions/min_length": float(lengths.min()) if lengths.numel() else 0.0,
-        "completions/max_length": float(lengths.max()) if lengths.numel() else 0.0,
-        "completions/clipped_ratio": float(truncated.float().mean()) if truncated.numel() else 0.0,
-    }
-    for stat, fn in (("mean", torch.mean), ("min", torch.min), ("max", torch.max)):
-        out[f"completions/{stat}_terminated_length"] = float(fn(term)) if term.numel() else 0.0
     return out
 
 

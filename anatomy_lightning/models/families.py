@@ -48,9 +48,7 @@ class ModelFamily:
     end_of_turn: tuple[str, ...]  # the assistant turn's end token(s), if the generation config lacks them
     nested_images: bool  # the processor wants one image list per prompt (a list of lists for a batch)
     pixel_bounds: str  # "qwen" (min/max pixels as shortest/longest_edge), "longest_edge", "fixed"
-    sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask")  # (rows, tokens) processor outputs
     positions_from_mask: bool = True  # generic forwards pass position ids as generate computes them
-    notes: str = ""
 
     # -- LoRA and quantisation ---------------------------------------------------------------
     @property
@@ -148,13 +146,6 @@ class ModelFamily:
             elif self.pixel_bounds == "longest_edge" and max_pixels is not None:
                 sub.size = SizeDict(longest_edge=int(math.isqrt(int(max_pixels))))
 
-    def image_side_multiple(self, model: Any) -> int:
-        """Image sides that map to whole merged patches (Qwen2.5-VL 28, Qwen3-VL 32); 1 if any."""
-        vision = getattr(_unwrap(model).config, "vision_config", None)
-        patch = getattr(vision, "patch_size", None)
-        merge = getattr(vision, "spatial_merge_size", None)
-        return int(patch * merge) if self.fast_path and patch and merge else 1
-
 
 def _unwrap(model: Any) -> Any:
     """The transformers model inside a peft wrapper."""
@@ -163,32 +154,29 @@ def _unwrap(model: Any) -> Any:
 
 _QWEN = dict(
     language_layers=r"model\.language_model\.layers", unquantized=("model.visual", "visual"),
-    end_of_turn=("<|im_end|>",), nested_images=False, pixel_bounds="qwen",
-    sequence_keys=("input_ids", "attention_mask", "mm_token_type_ids"), positions_from_mask=False,
+    end_of_turn=("<|im_end|>",), nested_images=False, pixel_bounds="qwen", positions_from_mask=False,
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("qwen2-vl", ("qwen2_vl",), fast_path=True, **_QWEN),
     ModelFamily("qwen2.5-vl", ("qwen2_5_vl",), fast_path=True, **_QWEN),
-    ModelFamily("qwen3-vl", ("qwen3_vl",), fast_path=True, notes="deepstack features carried through every forward",
-                **_QWEN),
-    ModelFamily("qwen3.5", ("qwen3_5",), fast_path=False, **_QWEN,
-                notes="generic path: its linear-attention cache layers cannot be repeated per group"),
+    ModelFamily("qwen3-vl", ("qwen3_vl",), fast_path=True, **_QWEN),  # deepstack features carried through every forward
+    # not the fast path: its linear-attention cache layers cannot be repeated per group
+    ModelFamily("qwen3.5", ("qwen3_5",), fast_path=False, **_QWEN),
     ModelFamily(
         "gemma3", ("gemma3",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.multi_modal_projector"), end_of_turn=("<end_of_turn>",),
-        nested_images=True, pixel_bounds="fixed", sequence_keys=("input_ids", "attention_mask", "token_type_ids"),
+        nested_images=True, pixel_bounds="fixed",
     ),
     ModelFamily(
         "gemma4", ("gemma4",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"),
         end_of_turn=("<turn|>",), nested_images=True, pixel_bounds="fixed",
-        sequence_keys=("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"),
     ),
-    ModelFamily(
+    ModelFamily(  # also SmolVLM checkpoints
         "idefics3", ("idefics3", "smolvlm"), fast_path=False, language_layers=r"model\.text_model\.layers",
         unquantized=("model.vision_model", "model.connector"), end_of_turn=("<end_of_utterance>",),
-        nested_images=True, pixel_bounds="longest_edge", notes="SmolVLM checkpoints",
+        nested_images=True, pixel_bounds="longest_edge",
     ),
     ModelFamily(
         "llava-onevision", ("llava_onevision",), fast_path=False, language_layers=r"model\.language_model\.layers",

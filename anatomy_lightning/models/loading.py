@@ -175,7 +175,9 @@ def check_quantization_supported(quantization: str | None, device: str | None = 
         ) from err
 
 
-def _quantization_config(quantization: str, quantize_vision: bool, family: ModelFamily) -> Any:
+def bnb_quantization_config(quantization: str, quantize_vision: bool, family: ModelFamily) -> Any:
+    """The bitsandbytes config of a 4bit/8bit load, keeping the vision tower (unless `quantize_vision`)
+    and lm_head unquantised; shared with export, which must rebuild the base exactly as training did."""
     from transformers import BitsAndBytesConfig
 
     skip = ["lm_head"] if quantize_vision else family.quant_skip_modules()
@@ -225,7 +227,7 @@ def load_policy(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
-        kwargs["quantization_config"] = _quantization_config(quantization, quantize_vision, family)
+        kwargs["quantization_config"] = bnb_quantization_config(quantization, quantize_vision, family)
         if device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing the weights
     if device_map is not None:
@@ -329,6 +331,17 @@ def reference_forward(model: Any) -> Iterator[Any]:
         )
     with model.disable_adapter():
         yield model
+
+
+@contextlib.contextmanager
+def reference_model(policy: Any, copy_: Any | None) -> Iterator[Any]:
+    """The reference model for the block: the frozen copy if there is one, else the policy with its
+    adapter disabled."""
+    if copy_ is not None:
+        yield copy_
+    else:
+        with reference_forward(policy):
+            yield policy
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

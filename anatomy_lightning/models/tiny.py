@@ -42,7 +42,6 @@ QWEN_SPECIAL_TOKENS = (
 )
 FORMAT_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
-TOKENIZER_VOCAB_SIZE = 2048  # BPE target; the built-in corpus yields about 1.05k ids
 TINY_VOCAB_SIZE = 1088  # embedding rows for tiny/small: the tokenizer's ids padded to a multiple of 64
 # Special-token ids of the built-in tokenizer (trained with QWEN_SPECIAL_TOKENS first) and of real Qwen2.5-VL.
 BUILTIN_TOKEN_IDS = {t: i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}

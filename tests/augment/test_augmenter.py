@@ -102,8 +102,8 @@ def test_queue_cap_drops_the_oldest():
     assert aug.metrics()["dropped_total"] == 2
 
 
-def test_dynamic_sampling_requeues_the_original_unchanged():
-    aug = GroupDiversityAugmenter(when="next_batches", detect=["zero_std_wrong"], dynamic_sampling=True, seed=0)
+def test_requeue_originals_requeues_the_original_unchanged():
+    aug = GroupDiversityAugmenter(when="next_batches", detect=["zero_std_wrong"], requeue_originals=True, seed=0)
     [orig] = make_questions(1)
     [again] = aug.observe([orig], REWARDS[:1])
     assert again.id == "q0#resample0" and again.metadata["augmented_from"] == "q0"

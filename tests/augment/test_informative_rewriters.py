@@ -15,16 +15,11 @@ from anatomy_lightning.augment.augmenter import (
     GroupDiversityAugmenter,
     hard_order,
 )
-from anatomy_lightning.augment.rewriters import (
-    REWRITERS,
-    ContrastCue,
-    EliminateOptions,
-    build_rewriter,
-    distractors_by_nearness,
-)
+from anatomy_lightning.augment.registry import REWRITERS, build_rewriter
+from anatomy_lightning.augment.rules import ContrastCue, EliminateOptions, distractors_by_nearness
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.data.schema import LETTERS, Question
-from anatomy_lightning.settings_check import settings_problems
+from anatomy_lightning.settings_check import SettingsError, check_settings, settings_problems
 
 # gold "cystic duct" (D); its nearest distractor by words is "cystic artery"
 DUCT = Question(
@@ -152,3 +147,13 @@ def test_settings_check_names_the_augmentation_fields():
         GroupDiversityCallback(when="later", encoder="jaccard")
     with pytest.raises(ValueError, match="eliminate_options: keep"):
         GroupDiversityCallback(rewriters=[{"name": "eliminate_options", "keep": 0}], encoder="jaccard")
+
+
+def test_the_old_dynamic_sampling_key_is_refused_naming_requeue_originals():
+    message = "augmentation.dynamic_sampling was renamed: use augmentation.requeue_originals"
+    assert settings_problems(augmentation={"dynamic_sampling": True}) == [message]
+    with pytest.raises(SettingsError, match=f"^{message}$"):
+        check_settings(augmentation={"dynamic_sampling": False, "max_fraction": 2.0})
+    with pytest.raises(ValueError, match=message):
+        GroupDiversityCallback(dynamic_sampling=True, encoder="jaccard")
+    assert GroupDiversityCallback(requeue_originals=True, encoder="jaccard").augmenter.requeue_originals

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from anatomy_lightning.augment.rewriters import (
-    REWRITERS,
-    AnswerForm,
-    Chain,
-    InvertRelation,
-    LocalModelRewriter,
-    ShuffleOptions,
-    TemplateParaphrase,
-    build_rewriter,
-    parse_stem,
-    validate_generated,
-)
+from anatomy_lightning.augment.llm import LocalModelRewriter, validate_generated
+from anatomy_lightning.augment.registry import REWRITERS, build_rewriter
+from anatomy_lightning.augment.rules import AnswerForm, Chain, InvertRelation, ShuffleOptions, TemplateParaphrase
+from anatomy_lightning.augment.stem import parse_stem
 from anatomy_lightning.data.schema import Question
 
 # stems as they appear in ../shared/data (SGG-VQA r1 / asc / gdqa) and in the synthetic scenes

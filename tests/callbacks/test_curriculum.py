@@ -378,8 +378,10 @@ def test_fit_resumed_from_a_checkpoint_continues_like_an_uninterrupted_run(tmp_p
 
 def test_fit_with_the_real_datamodule_trains_only_on_active_stages(tmp_path: Path) -> None:
     datamodule = pytest.importorskip("anatomy_lightning.data.datamodule")
+    from anatomy_lightning.data.settings import SyntheticSettings
+
     dm = datamodule.AnatomyVQADataModule(
-        synthetic=datamodule.SyntheticSettings(n_train=64, n_val=12, n_test=12, out_dir=str(tmp_path / "data")),
+        synthetic=SyntheticSettings(n_train=64, n_val=12, n_test=12, out_dir=str(tmp_path / "data")),
         num_stages=3,
         batch_size=4,
         eval_batch_size=12,

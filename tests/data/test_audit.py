@@ -92,7 +92,8 @@ def test_old_flat_keys_are_refused_naming_the_new_key(key: str, new: str) -> Non
 
 
 def test_similarity_settings_are_coerced_and_checked() -> None:
-    from anatomy_lightning.data.datamodule import AnatomyVQADataModule, SimilaritySettings
+    from anatomy_lightning.data.datamodule import AnatomyVQADataModule
+    from anatomy_lightning.data.settings import SimilaritySettings
 
     dm = AnatomyVQADataModule(train_file="x.json", similarity={"aggregation": "mean", "cache_dir": "/tmp/e"})
     assert dm.similarity == SimilaritySettings(aggregation="gold_mean", cache_dir="/tmp/e")
@@ -198,7 +199,7 @@ def test_default_settings_give_sgg_vqa_class_balanced_shortcut_free_stages() -> 
     if not SGG.is_file():
         pytest.skip("../shared/data/sgg_vqa_anatomy_r1.json is not present (only on the project's own machines)")
     _encoder_available()
-    from anatomy_lightning.data.datamodule import SimilaritySettings
+    from anatomy_lightning.data.settings import SimilaritySettings
 
     default = SimilaritySettings()
     audit = _sgg_audit(default.aggregation, default.stages)

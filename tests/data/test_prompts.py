@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from anatomy_lightning.augment.rewriters import REWRITERS
+from anatomy_lightning.augment.registry import REWRITERS
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.prompts import NEUTRAL_EXAMPLE, dataset_prompt
 from anatomy_lightning.data.schema import DataError
-from anatomy_lightning.grpo.rollout import DEFAULT_SYSTEM_PROMPT, build_messages, encode_prompts
-from tests.tiny_vqa import write_questions
+from anatomy_lightning.grpo.prompts import DEFAULT_SYSTEM_PROMPT, build_messages, encode_prompts
+from tests.support.tiny_vqa import write_questions
 
 # file, the record key holding its own prompt
 REAL_FILES = [

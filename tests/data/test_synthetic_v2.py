@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from anatomy_lightning.augment.selection import jaccard_similarity
-from anatomy_lightning.data.datamodule import SyntheticSettings
+from anatomy_lightning.data.settings import SyntheticSettings
 from anatomy_lightning.data.synthetic import (
     ANATOMIES,
     BY_NAME,

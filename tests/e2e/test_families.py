@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from anatomy_lightning.models.loading import check_quantization_supported
-from anatomy_lightning.models.standins import STANDIN_FAMILIES, standin_image_size
-from tests.e2e.cli_runs import CONFIGS, cpu_override, predictions, run_cli
+from tests.support.cli_runs import CONFIGS, cpu_override, predictions, run_cli
+from tests.support.standins import STANDIN_FAMILIES, standin_image_size
 
 pytestmark = pytest.mark.slow
 QLORA = CONFIGS / "qwen2_5_vl_3b_qlora.yaml"
@@ -54,7 +54,7 @@ def test_family_fit_test_and_adapter_reload(family: str, standin, tmp_path: Path
 
     preds = tmp_path / "preds.jsonl"
     test = run_cli("test", configs, tmp_path, "--run_name=fam", f"--ckpt_path={ckpt}",
-                   f"--model.predictions_file={preds}")
+                   f"--evaluation.predictions_file={preds}")
     assert len(predictions(preds)) == 4 and "overall" in test.stdout
 
     lora = yaml.safe_load(QLORA.read_text())["model"]["lora"]
@@ -71,7 +71,7 @@ def _adapter_reload_difference(folder: Path, adapter: Path, ckpt: Path, quant: s
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from anatomy_lightning.models.loading import _quantization_config
+    from anatomy_lightning.models.loading import bnb_quantization_config as _quantization_config
     from anatomy_lightning.models.families import family_for_type
     from anatomy_lightning.module import GRPOModule
 

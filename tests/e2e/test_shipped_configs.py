@@ -16,7 +16,7 @@ import yaml
 
 from anatomy_lightning.data.synthetic import write_synthetic_split
 from anatomy_lightning.models.loading import check_quantization_supported
-from tests.e2e.cli_runs import CONFIGS, cpu_override, predictions, run_cli
+from tests.support.cli_runs import CONFIGS, cpu_override, predictions, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def _fit_and_test(configs: list[Path], tmp: Path, lora: bool) -> None:
     assert (tmp / "checkpoints" / "e2e" / "adapter" / "adapter_config.json").is_file() == lora
     assert list((tmp / "outputs" / "tensorboard" / "e2e").glob("version_*/events.out.tfevents.*"))
     preds = tmp / "preds.jsonl"
-    test = run_cli("test", configs, tmp, "--run_name=e2e", f"--ckpt_path={ckpt}", f"--model.predictions_file={preds}")
+    test = run_cli("test", configs, tmp, "--run_name=e2e", f"--ckpt_path={ckpt}", f"--evaluation.predictions_file={preds}")
     rows = predictions(preds)
     assert rows and all({"prediction", "correct", "completion"} <= set(r) for r in rows)
     assert "overall" in test.stdout

@@ -18,11 +18,12 @@ from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.dynamic_sampling import Piece, Selection, dynamic_sample, merge_pieces
-from anatomy_lightning.grpo.rollout import Rollout, mask_vision_tokens, rollout_logprobs
-from anatomy_lightning.models.standins import standin_image_size
+from anatomy_lightning.grpo.rollout import rollout_logprobs
+from anatomy_lightning.grpo.sequences import Rollout, mask_vision_tokens
 from anatomy_lightning.module import GRPOModule
-from tests.e2e.cli_runs import CONFIGS, cpu_override, run_cli
-from tests.tiny_vqa import MODEL_KWARGS, tiny_fit, write_questions
+from tests.support.cli_runs import CONFIGS, cpu_override, run_cli
+from tests.support.standins import standin_image_size
+from tests.support.tiny_vqa import MODEL_KWARGS, tiny_fit, write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,9 +91,9 @@ def test_merged_rollout_scores_every_completion_as_its_own_rollout(family: str, 
     module = GRPOModule(model=str(standin(family)), **{**MODEL_KWARGS, "max_new_tokens": 5})
     module.configure_model()
     torch.manual_seed(0)
-    a, b = module._piece(qs[:2]), module._piece(qs[2:])
+    a, b = module.sampler.piece(qs[:2]), module.sampler.piece(qs[2:])
     sel = Selection([a, b], [(1, 1), (0, 0), (1, 0)])
-    questions, merged, rewards, _ = module._merged_rollout(sel)
+    questions, merged, rewards, _ = module.sampler.merged(sel)
     assert [q.id for q in questions] == [qs[3].id, qs[0].id, qs[2].id]
     assert torch.equal(rewards, torch.cat([b.rewards[2:4], a.rewards[0:2], b.rewards[0:2]]))
 
@@ -187,7 +188,7 @@ def test_cli_fit_with_dynamic_sampling_and_a_completion_budget_then_test(tmp_pat
     budget = tmp_path / "budget.yaml"  # the demo's checkpoint callback, plus the budget
     budget.write_text(
         "trainer:\n  callbacks:\n"
-        "    - class_path: anatomy_lightning.callbacks.checkpoint.ResumableCheckpoint\n"
+        "    - class_path: anatomy_lightning.checkpointing.ResumableCheckpoint\n"
         "      init_args: {dirpath: ckpts, filename: '{step}', save_last: true, every_n_train_steps: 6}\n"
         "    - class_path: anatomy_lightning.callbacks.budget.CompletionBudget\n"
         "      init_args: {max_completions: 20}\n"

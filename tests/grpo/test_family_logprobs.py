@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from anatomy_lightning.data.synthetic import SceneGenerator
+from anatomy_lightning.grpo import fast_path as F
 from anatomy_lightning.grpo import rollout as R
-from anatomy_lightning.models.standins import STANDIN_FAMILIES, standin_image_size
+from anatomy_lightning.grpo import sequences as S
 from anatomy_lightning.module import GRPOModule
+from tests.support.standins import STANDIN_FAMILIES, standin_image_size
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 G, NEW_TOKENS = 2, 6
@@ -52,15 +54,15 @@ def test_training_logprobs_equal_generate_logits(family: str, standin) -> None:
                               return_dict_in_generate=True, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
     comp = out.sequences[:, expanded["input_ids"].shape[1]:]
     want = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    mask, truncated = R.completion_mask_from_ids(comp, stop_ids, tok.pad_token_id)
+    mask, truncated = S.completion_mask_from_ids(comp, stop_ids, tok.pad_token_id)
 
     if fam.fast_path:  # prompts once, shared image features and positions
-        ro = R.Rollout(module.encode(questions), comp, mask, truncated, [""] * len(rows), G,
-                       prompts=R.prepare_prompts(policy, module.encode(questions)))
+        ro = S.Rollout(module.encode(questions), comp, mask, truncated, [""] * len(rows), G,
+                       prompts=F.prepare_prompts(policy, module.encode(questions)))
     else:  # generic: the processor's own rows, re-encoded per chunk
-        ro = R.Rollout(expanded, comp, mask, truncated, [""] * len(rows), G,
+        ro = S.Rollout(expanded, comp, mask, truncated, [""] * len(rows), G,
                        row_inputs=lambda s, e: module.encode(rows[s:e]))
-    comp_in = R.mask_vision_tokens(comp, module.vision_ids, tok.pad_token_id)
+    comp_in = S.mask_vision_tokens(comp, module.vision_ids, tok.pad_token_id)
     with torch.no_grad():
         got = R.rollout_logprobs(policy, ro, comp_in, batch_size=G)  # one group per forward
     keep = mask.bool()

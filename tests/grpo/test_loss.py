@@ -8,20 +8,18 @@ import re
 import pytest
 import torch
 
+from anatomy_lightning.grpo.advantages import group_advantages
 from anatomy_lightning.grpo.loss import (
     LOSS_AGGREGATIONS,
     LossOutput,
     chunk_weight,
-    combine_chunk_metrics,
-    completion_length_metrics,
-    group_advantages,
     grpo_loss,
     high_entropy_threshold,
     is_finite_loss,
     kl_k3,
-    token_logprobs,
-    token_logprobs_and_entropy,
 )
+from anatomy_lightning.grpo.metrics import combine_chunk_metrics, completion_length_metrics
+from anatomy_lightning.grpo.sequences import token_logprobs, token_logprobs_and_entropy
 
 # --- group_advantages ------------------------------------------------------------------------
 
@@ -446,7 +444,8 @@ def test_loss_rejects_mismatched_shapes() -> None:
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo", "gpg"])
 def test_chunked_loss_equals_full_batch_loss(loss_type: str) -> None:
     """Chunk-by-chunk forward/backward (the memory knob) optimises exactly the full-batch objective."""
-    from anatomy_lightning.grpo.loss import chunk_weight, group_advantages, grpo_loss
+    from anatomy_lightning.grpo.advantages import group_advantages
+    from anatomy_lightning.grpo.loss import chunk_weight, grpo_loss
 
     torch.manual_seed(0)
     G, N, T = 2, 3, 5

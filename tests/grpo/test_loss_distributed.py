@@ -16,12 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anatomy_lightning.grpo.loss import (
-    combine_chunk_metrics,
-    global_token_count,
-    grpo_loss,
-    high_entropy_threshold,
-)
+from anatomy_lightning.grpo.loss import global_token_count, grpo_loss, high_entropy_threshold
+from anatomy_lightning.grpo.metrics import combine_chunk_metrics
 
 WORLD, B, T = 2, 8, 6
 

@@ -14,12 +14,13 @@ import lightning as L
 import pytest
 import torch
 
-from anatomy_lightning.augment.rewriters import REWRITERS
+from anatomy_lightning.augment.registry import REWRITERS
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.rollout import build_messages
-from anatomy_lightning.models.standins import standin_image_size
-from tests.tiny_vqa import tiny_fit, write_questions
+from anatomy_lightning.grpo.evaluation import EvaluationSettings
+from anatomy_lightning.grpo.prompts import build_messages
+from tests.support.standins import standin_image_size
+from tests.support.tiny_vqa import tiny_fit, write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -38,7 +39,7 @@ def test_grpo_step_and_test_report_with_one_to_three_images(family: str, standin
         assert [c["type"] for c in build_messages(q, "", "{question}")[-1]["content"]].count("image") == len(q.images)
 
     preds = tmp_path / "preds.jsonl"
-    module.hparams.predictions_file, module.hparams.eval_max_new_tokens = str(preds), 4
+    module.evaluation = EvaluationSettings(predictions_file=str(preds), max_new_tokens=4)
     trainer.test(module, datamodule=AnatomyVQADataModule(train_file=str(data), test_file=str(data),
                                                          val_fraction=0.0, eval_batch_size=3))
     rows = [json.loads(line) for line in preds.read_text().splitlines()]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.loss import group_advantages
+from anatomy_lightning.grpo.advantages import group_advantages
 from anatomy_lightning.grpo.rewards import (
     REWARD_FUNCTIONS,
     RewardComputer,

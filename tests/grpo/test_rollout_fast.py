@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from anatomy_lightning.data.synthetic import SceneGenerator
+from anatomy_lightning.grpo import fast_path as F
+from anatomy_lightning.grpo import generic_path as H
+from anatomy_lightning.grpo import prompts as P
 from anatomy_lightning.grpo import rollout as R
+from anatomy_lightning.grpo import sequences as S
 from anatomy_lightning.models.families import family_for_type, family_of
 from anatomy_lightning.models.loading import LoraSettings, enable_gradient_checkpointing
 from anatomy_lightning.models.tiny import build_tiny_model
@@ -73,7 +77,7 @@ def _questions(with_images: bool = True):
 @pytest.fixture(scope="module")
 def prompt_inputs(tiny):
     questions, images = _questions()
-    inputs = R.encode_prompts(questions, tiny[1], images.__getitem__)
+    inputs = P.encode_prompts(questions, tiny[1], images.__getitem__)
     assert not inputs["attention_mask"].all(), "the test batch should contain left padding"
     return inputs
 
@@ -92,18 +96,18 @@ def _rollout(model, processor, inputs, G=3, new_tokens=8, seed=0):
     stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ro.completion_ids[4, 5] = stop  # one completion that ends early: padding after it
     ro.completion_ids[4, 6:] = pad
-    ro.completion_mask, ro.truncated = R.completion_mask_from_ids(ro.completion_ids, [stop], pad)
+    ro.completion_mask, ro.truncated = S.completion_mask_from_ids(ro.completion_ids, [stop], pad)
     return ro
 
 
 def _naive_logprobs(model, processor, ro):
     image_id, pad, vision_ids = _ids(processor)
-    seq = R.sequence_inputs(ro, image_id, pad, vision_ids)
-    return R.completion_logprobs(model, seq, ro.completion_ids)
+    seq = S.sequence_inputs(ro, image_id, pad, vision_ids)
+    return H.completion_logprobs(model, seq, ro.completion_ids)
 
 
 def _loss_mask(processor, ro):
-    return (ro.completion_mask * R.vision_token_guard(ro.completion_ids, _ids(processor)[2])).bool()
+    return (ro.completion_mask * S.vision_token_guard(ro.completion_ids, _ids(processor)[2])).bool()
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def _loss_mask(processor, ro):
 def test_greedy_generation_matches_hf_generate(policy, prompt_inputs) -> None:
     model, processor = policy
     ours = R.generate(model, processor, prompt_inputs, 1, 12, do_sample=False)
-    hf = R.generate_hf(model, processor, prompt_inputs, 1, 12, do_sample=False)
+    hf = H.generate_hf(model, processor, prompt_inputs, 1, 12, do_sample=False)
     assert torch.equal(ours.completion_ids, hf.completion_ids)
     assert ours.texts == hf.texts
     assert ours.prompts is not None and ours.prompts.image_features is not None
@@ -121,9 +125,9 @@ def test_greedy_generation_matches_hf_generate(policy, prompt_inputs) -> None:
 def test_greedy_generation_text_only_prompts_matches_hf(tiny) -> None:
     model, processor = tiny
     questions, _ = _questions(with_images=False)
-    inputs = R.encode_prompts(questions, processor, lambda p: None)
+    inputs = P.encode_prompts(questions, processor, lambda p: None)
     ours = R.generate(model, processor, inputs, 1, 10, do_sample=False)
-    hf = R.generate_hf(model, processor, inputs, 1, 10, do_sample=False)
+    hf = H.generate_hf(model, processor, inputs, 1, 10, do_sample=False)
     assert torch.equal(ours.completion_ids, hf.completion_ids)
     assert ours.prompts.image_features is None
 
@@ -152,26 +156,26 @@ def test_sampling_is_seeded_and_masks_are_consistent(tiny, prompt_inputs) -> Non
 
 def test_stop_token_ends_a_row_and_min_new_tokens_forbids_it(tiny, prompt_inputs) -> None:
     model, processor = tiny
-    prompts = R.prepare_prompts(model, prompt_inputs)
+    prompts = F.prepare_prompts(model, prompt_inputs)
     pad = processor.tokenizer.pad_token_id
-    greedy = R.sample_completions(model, prompts, 1, 6, stop_ids=[10**6], pad_id=pad, do_sample=False)
+    greedy = F.sample_completions(model, prompts, 1, 6, stop_ids=[10**6], pad_id=pad, do_sample=False)
     stop = int(greedy[0, 0])  # row 0 says this first: make it a stop token
-    ids = R.sample_completions(model, prompts, 1, 6, stop_ids=[stop], pad_id=pad, do_sample=False)
-    mask, truncated = R.completion_mask_from_ids(ids, [stop], pad)
+    ids = F.sample_completions(model, prompts, 1, 6, stop_ids=[stop], pad_id=pad, do_sample=False)
+    mask, truncated = S.completion_mask_from_ids(ids, [stop], pad)
     assert mask[0].tolist()[:2] == [1.0, 0.0] and not truncated[0]
     assert (ids[0, 1:] == pad).all(), "a finished row continues with padding"
-    forced = R.sample_completions(model, prompts, 1, 6, stop_ids=[stop], pad_id=pad, do_sample=False, min_new_tokens=6)
+    forced = F.sample_completions(model, prompts, 1, 6, stop_ids=[stop], pad_id=pad, do_sample=False, min_new_tokens=6)
     assert forced.shape[1] == 6 and not (forced == stop).any()
 
 
 def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny, prompt_inputs) -> None:
     model, processor = tiny
-    prompts = R.prepare_prompts(model, prompt_inputs)
+    prompts = F.prepare_prompts(model, prompt_inputs)
     pad = processor.tokenizer.pad_token_id
-    free = R.sample_completions(model, prompts, 2, 8, stop_ids=[10**6], pad_id=pad, do_sample=False)  # (6, 8)
+    free = F.sample_completions(model, prompts, 2, 8, stop_ids=[10**6], pad_id=pad, do_sample=False)  # (6, 8)
     stop = int(free[0, 2])  # row 0 stops at its third token; most other rows do not
-    ids = R.sample_completions(model, prompts, 2, 8, stop_ids=[stop], pad_id=pad, do_sample=False)
-    mask, _ = R.completion_mask_from_ids(free, [stop], pad)
+    ids = F.sample_completions(model, prompts, 2, 8, stop_ids=[stop], pad_id=pad, do_sample=False)
+    mask, _ = S.completion_mask_from_ids(free, [stop], pad)
     expected = torch.where(mask.bool(), free, torch.full_like(free, pad))
     assert torch.equal(ids, expected[:, : ids.shape[1]]) and (expected[:, ids.shape[1] :] == pad).all()
     assert (ids[0, 3:] == pad).all() and (ids[1:] != pad).any()
@@ -190,7 +194,7 @@ def test_pick_next_token_warpers() -> None:
 def pick_all(logits: torch.Tensor, n: int = 200, **kw) -> set[tuple[int, int]]:
     gen = torch.Generator().manual_seed(0)
     kw.setdefault("do_sample", True)
-    return {tuple(R.pick_next_token(logits, generator=gen, **kw).tolist()) for _ in range(n)}
+    return {tuple(F.pick_next_token(logits, generator=gen, **kw).tolist()) for _ in range(n)}
 
 
 # -- log-probs -------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def pick_all(logits: torch.Tensor, n: int = 200, **kw) -> set[tuple[int, int]]:
 def test_shared_prompt_logprobs_match_full_sequences(policy, prompt_inputs) -> None:
     model, processor = policy
     ro = _rollout(model, processor, prompt_inputs)
-    comp_in = R.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
+    comp_in = S.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
     m = _loss_mask(processor, ro)
     with torch.no_grad():
         naive = _naive_logprobs(model, processor, ro)
@@ -207,9 +211,9 @@ def test_shared_prompt_logprobs_match_full_sequences(policy, prompt_inputs) -> N
         chunked = R.rollout_logprobs(model, ro, comp_in, batch_size=ro.group_size)
         rows = slice(3, 9)
         part = R.rollout_logprobs(model, ro, comp_in, rows)
-        full = R._full_sequence_logprobs(model, ro, comp_in, slice(0, 9), True, 1.0)
+        full = F.full_sequence_logprobs(model, ro, comp_in, slice(0, 9), True, 1.0)
         recomputed = R.rollout_logprobs(model, ro, comp_in, reuse_images=False)
-        plain = R.rollout_logprobs(model, R.Rollout(**{**ro.__dict__, "prompts": None}), comp_in)
+        plain = R.rollout_logprobs(model, S.Rollout(**{**ro.__dict__, "prompts": None}), comp_in)
     for other in (fast, chunked, full, recomputed, plain):
         torch.testing.assert_close(other[m], naive[m], atol=ATOL, rtol=0)
     torch.testing.assert_close(part[m[rows]], naive[rows][m[rows]], atol=ATOL, rtol=0)
@@ -222,13 +226,13 @@ def test_prompts_with_several_images_keep_features_with_their_prompt(tiny) -> No
     paths = list(images)
     questions[0] = questions[0].replace(images=paths[:2])
     questions[2] = questions[2].replace(images=[paths[1], paths[0]])
-    inputs = R.encode_prompts(questions, processor, images.__getitem__)
+    inputs = P.encode_prompts(questions, processor, images.__getitem__)
     assert inputs["image_grid_thw"].shape[0] == 5  # 2 + 1 + 2 images
-    hf = R.generate_hf(model, processor, inputs, 1, 6, do_sample=False)
+    hf = H.generate_hf(model, processor, inputs, 1, 6, do_sample=False)
     ro = R.generate(model, processor, inputs, 1, 6, do_sample=False)
     assert torch.equal(ro.completion_ids, hf.completion_ids) and ro.prompts.images_per_prompt == [2, 1, 2]
     ro = _rollout(model, processor, inputs, G=2)
-    comp_in = R.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
+    comp_in = S.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
     m = _loss_mask(processor, ro)
     with torch.no_grad():
         naive = _naive_logprobs(model, processor, ro)
@@ -240,10 +244,10 @@ def test_prompts_with_several_images_keep_features_with_their_prompt(tiny) -> No
 def test_temperature_divides_the_logits(tiny, prompt_inputs) -> None:
     model, processor = tiny
     ro = _rollout(model, processor, prompt_inputs)
-    comp_in = R.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
+    comp_in = S.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
     image_id, pad, vision_ids = _ids(processor)
     with torch.no_grad():
-        naive = R.completion_logprobs(model, R.sequence_inputs(ro, image_id, pad, vision_ids), ro.completion_ids, 0.7)
+        naive = H.completion_logprobs(model, S.sequence_inputs(ro, image_id, pad, vision_ids), ro.completion_ids, 0.7)
         fast = R.rollout_logprobs(model, ro, comp_in, temperature=0.7)
     m = _loss_mask(processor, ro)
     torch.testing.assert_close(fast[m], naive[m], atol=ATOL, rtol=0)
@@ -270,7 +274,7 @@ def test_gradients_match_full_sequences(policy, prompt_inputs, checkpointing: bo
     if checkpointing:
         enable_gradient_checkpointing(model)
     ro = _rollout(model, processor, prompt_inputs)
-    comp_in = R.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
+    comp_in = S.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
     m = _loss_mask(processor, ro).float()
     weights = torch.linspace(-1, 1, m.shape[0])[:, None] * m  # different advantage per completion
     frozen = R.vision_frozen(model)
@@ -291,7 +295,7 @@ def test_vision_frozen(tiny) -> None:
     assert not R.vision_frozen(model)  # full fine-tuning: the tower trains
     assert R.vision_frozen(_lora(model))
     assert not R.vision_frozen(_lora(model, include_vision=True))
-    assert not R.vision_frozen(torch.nn.Linear(2, 2)) and R.vl_backbone(torch.nn.Linear(2, 2)) is None
+    assert not R.vision_frozen(torch.nn.Linear(2, 2)) and F.vl_backbone(torch.nn.Linear(2, 2)) is None
 
 
 def test_vision_adapter_reference_recomputes_image_features(tiny, prompt_inputs) -> None:
@@ -299,7 +303,7 @@ def test_vision_adapter_reference_recomputes_image_features(tiny, prompt_inputs)
     model, processor = tiny
     peft_model = _lora(model, include_vision=True).eval()
     ro = _rollout(peft_model, processor, prompt_inputs)
-    comp_in = R.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
+    comp_in = S.mask_vision_tokens(ro.completion_ids, _ids(processor)[2], processor.tokenizer.pad_token_id)
     m = _loss_mask(processor, ro)
     with torch.no_grad(), peft_model.disable_adapter():
         naive = _naive_logprobs(peft_model, processor, ro)
@@ -327,7 +331,7 @@ def test_training_step_updates_lora_with_kl_and_two_iterations(tmp_path) -> None
     module = GRPOModule(
         "tiny-qwen2.5-vl", dtype="float32", lora=LoraSettings(), num_generations=4, max_new_tokens=6,
         rewards={"tests.grpo.test_rollout_fast:length_reward": 1.0}, beta=0.04, num_iterations=2,
-        logprob_batch_size=4, learning_rate=1e-2, sample_every_n_steps=0,
+        logprob_batch_size=4, learning_rate=1e-2,
     )
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}

@@ -15,9 +15,9 @@ from anatomy_lightning.augment.augmenter import GroupDiversityAugmenter
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import Question
-from tests.e2e.cli_runs import CONFIGS, cpu_override, run_cli
 from tests.grpo.test_dynamic_sampling import _fit as fit_with_spy
-from tests.tiny_vqa import write_questions
+from tests.support.cli_runs import CONFIGS, cpu_override, run_cli
+from tests.support.tiny_vqa import write_questions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

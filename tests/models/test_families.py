@@ -16,8 +16,8 @@ from anatomy_lightning.cli import AnatomyCLI, SuggestingParser
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.models.families import FAMILIES, UnsupportedModelError, family_for_type, family_of
 from anatomy_lightning.models.loading import LoraSettings, check_quantization_supported, load_policy
-from anatomy_lightning.models.standins import END_OF_TURN, STANDIN_FAMILIES
 from anatomy_lightning.module import GRPOModule
+from tests.support.standins import END_OF_TURN, STANDIN_FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -107,7 +107,7 @@ def test_4bit_keeps_the_vision_side_and_lm_head_unquantised(family: str, standin
 
 
 def test_synthetic_settings_from_python_as_a_dict(tmp_path: Path) -> None:
-    from anatomy_lightning.data.datamodule import SyntheticSettings
+    from anatomy_lightning.data.settings import SyntheticSettings
 
     dm = AnatomyVQADataModule(synthetic={"n_train": 4, "n_val": 1, "n_test": 1, "out_dir": str(tmp_path)})
     assert isinstance(dm.synthetic, SyntheticSettings) and dm.synthetic.n_train == 4

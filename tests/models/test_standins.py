@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from anatomy_lightning.models.standins import (
+from anatomy_lightning.models.tiny import FORMAT_TOKENS, qwen25_vl_config
+from tests.support.standins import (
     END_OF_TURN,
     STANDIN_FAMILIES,
     build_standin,
     qwen3_vl_config,
     standin_image_size,
 )
-from anatomy_lightning.models.tiny import FORMAT_TOKENS, qwen25_vl_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

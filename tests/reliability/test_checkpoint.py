@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-import anatomy_lightning.callbacks.checkpoint as checkpoint_py
-from anatomy_lightning.callbacks.checkpoint import (
+import anatomy_lightning.checkpointing.io as checkpoint_py
+from anatomy_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointSaveError,
     ResumableCheckpoint,
@@ -64,7 +64,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path: Path, 
 _SAVER = textwrap.dedent(
     """
     import sys, torch
-    from anatomy_lightning.callbacks.checkpoint import AtomicCheckpointIO
+    from anatomy_lightning.checkpointing import AtomicCheckpointIO
     io, payload = AtomicCheckpointIO(), torch.randn(4_000_000)  # 16 MB: a save takes a while
     step = 0
     while True:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from anatomy_lightning.callbacks.checkpoint import (
+from anatomy_lightning.checkpointing import (
     FINGERPRINT_ENV,
     AtomicCheckpointIO,
     CheckpointSaveError,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.runs import G, check, fit_command, read_dump, run_env, write_override
+from tests.support.reliability_runs import G, check, fit_command, read_dump, run_env, write_override
 
 MAX_STEPS = 4
 DDP = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
@@ -53,7 +53,7 @@ def test_two_processes_hold_identical_state_after_every_step(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
-    fault = {"class_path": "tests.reliability.state_dump.NonFiniteLossOnRank", "init_args": {"rank": 1}}
+    fault = {"class_path": "tests.support.state_dump.NonFiniteLossOnRank", "init_args": {"rank": 1}}
     override = write_override(tmp_path, max_steps=2, val_every=100, n_train=32, extra_callbacks=(fault,))
     cmd = fit_command(override, *DDP)
     log, dump = tmp_path / "log.txt", tmp_path / "dump"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.loss import LOSS_AGGREGATIONS, chunk_weight, group_advantages, grpo_loss
+from anatomy_lightning.grpo.advantages import group_advantages
+from anatomy_lightning.grpo.loss import LOSS_AGGREGATIONS, chunk_weight, grpo_loss
 from anatomy_lightning.grpo.rewards import RewardComputer
 
 LOSS_TYPES = sorted(LOSS_AGGREGATIONS)
@@ -132,7 +133,8 @@ def _weights(module: Any) -> dict[str, torch.Tensor]:
 
 
 def _fit(data_root: Path, max_steps: int, **module_kwargs: Any) -> tuple[Any, L.Trainer, list[dict[str, Any]]]:
-    from anatomy_lightning.data.datamodule import AnatomyVQADataModule, SyntheticSettings
+    from anatomy_lightning.data.datamodule import AnatomyVQADataModule
+    from anatomy_lightning.data.settings import SyntheticSettings
     from anatomy_lightning.module import GRPOModule
 
     class Record(L.Callback):

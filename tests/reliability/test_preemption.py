@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.runs import check, fit_command, read_dump, run_env, without_run_dir, write_override
+from tests.support.reliability_runs import check, fit_command, read_dump, run_env, without_run_dir, write_override
 
 MAX_STEPS, VAL_EVERY = 8, 4
-PAUSER = ({"class_path": "tests.reliability.state_dump.PauseAt"},)
+PAUSER = ({"class_path": "tests.support.state_dump.PauseAt"},)
 
 
 def _env(run: Path, cache: Path, dump: str, pause_at: str = "") -> dict[str, str]:

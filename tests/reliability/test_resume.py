@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.runs import G, check, fit_command, read_dump, run_env, without_run_dir, write_override
+from tests.support.reliability_runs import G, check, fit_command, read_dump, run_env, without_run_dir, write_override
 
 MAX_STEPS, VAL_EVERY, CKPT_EVERY = 8, 4, 2
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from anatomy_lightning.data.datamodule import _RankSlice
+from anatomy_lightning.data.batches import RankSlice
 from anatomy_lightning.data.sampler import Cursor, StageSampler
 from anatomy_lightning.data.schema import DataError
 
@@ -94,7 +94,7 @@ def test_a_checkpoint_from_before_in_flight_tracking_still_loads() -> None:
 
 @pytest.mark.parametrize(("n", "world"), [(9, 4), (6, 4), (8, 2), (3, 3), (0, 2)])
 def test_evaluation_slices_are_balanced_ordered_and_never_empty(n: int, world: int) -> None:
-    slices = [_RankSlice(n, rank, world).indices for rank in range(world)]
+    slices = [RankSlice(n, rank, world).indices for rank in range(world)]
     assert [i for s in slices for i in s] == list(range(n))  # each question once, in file order
     if n:
         assert min(map(len, slices)) >= 1 and max(map(len, slices)) - min(map(len, slices)) <= 1
@@ -102,4 +102,4 @@ def test_evaluation_slices_are_balanced_ordered_and_never_empty(n: int, world: i
 
 def test_fewer_evaluation_questions_than_processes_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="1 validation questions cannot be split over 2 processes"):
-        _RankSlice(1, 0, 2, "validation")
+        RankSlice(1, 0, 2, "validation")

@@ -36,7 +36,7 @@ def test_every_bad_setting_is_named_with_its_value() -> None:
 
 def test_good_settings_and_unset_ones_pass() -> None:
     check_settings(
-        {"temperature": 1.0, "beta": 0.0, "epsilon_low": 0.0, "learning_rate": 1e-5, "eval_max_new_tokens": None},
+        {"temperature": 1.0, "beta": 0.0, "epsilon_low": 0.0, "learning_rate": 1e-5},
         {"batch_size": 1, "val_fraction": 0.0},
     )
     check_settings(None, None)
@@ -80,3 +80,25 @@ def test_the_cli_reports_all_problems_in_one_line_before_loading_a_model(
     ):
         assert part in err[0]
     assert not (tmp_path / "outputs").exists()  # nothing was built or written
+
+
+@pytest.mark.parametrize("given", [["--augmentation.dynamic_sampling=true"], "yaml"])
+def test_the_retired_dynamic_sampling_key_is_refused_naming_requeue_originals(
+    given: list[str] | str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anatomy_lightning.cli as cli_py
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model path was resolved before the settings were checked")
+
+    monkeypatch.setattr(cli_py, "resolve_model_path", no_model)
+    monkeypatch.chdir(tmp_path)
+    if given == "yaml":
+        (tmp_path / "old.yaml").write_text("augmentation:\n  dynamic_sampling: true\n")
+        given = ["--config", str(tmp_path / "old.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), *given])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: augmentation.dynamic_sampling was renamed: use augmentation.requeue_originals"]
+    assert settings_problems(augmentation={"dynamic_sampling": None, "requeue_originals": True}) == []

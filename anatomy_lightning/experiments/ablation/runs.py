@@ -54,7 +54,7 @@ def _cli(args: list[str]) -> Any:
 
 
 def _template(base: Mapping[str, Any]) -> str:
-    from anatomy_lightning.grpo.rollout import DEFAULT_PROMPT_TEMPLATE
+    from anatomy_lightning.grpo.prompts import DEFAULT_PROMPT_TEMPLATE
 
     return str(base["model"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
 
@@ -106,7 +106,7 @@ def _save(marker: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_policy(test_yaml: Path, warm: Path, predictions: Path, ckpt: Path | None, extra: list[str]) -> None:
-    args = ["test", "--config", str(test_yaml), f"--model.model={warm}", f"--model.predictions_file={predictions}"]
+    args = ["test", "--config", str(test_yaml), f"--model.model={warm}", f"--evaluation.predictions_file={predictions}"]
     if ckpt is not None:
         args.append(f"--ckpt_path={ckpt}")
     _cli([*args, *extra])

@@ -23,8 +23,7 @@ def cpu_override(tmp: Path, *, model: str | None, image_size: int = 56, steps: i
     float32 (exact comparisons) unless `float32=False` keeps the config's own precision and dtype."""
     model_section: dict[str, Any] = {
         "num_generations": 2, "max_new_tokens": 6, "max_pixels": None,
-        "rewards": {"tests.e2e.cli_runs:length_reward": 1.0, "accuracy": 1.0},
-        "sample_every_n_steps": 1,
+        "rewards": {"tests.support.cli_runs:length_reward": 1.0, "accuracy": 1.0},
     }
     if model is not None:
         model_section["model"] = model
@@ -44,6 +43,7 @@ def cpu_override(tmp: Path, *, model: str | None, image_size: int = 56, steps: i
     cfg = {
         "trainer": trainer,
         "model": model_section,
+        "evaluation": {"sample_every_n_steps": 1},
         "data": data_section,
     }
     path = tmp / name

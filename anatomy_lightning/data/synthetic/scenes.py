@@ -1,208 +1,51 @@
-"""Seeded synthetic surgical scenes: an offline benchmark that a tiny VLM can learn with GRPO on CPU.
+"""`SceneGenerator`: seeded scenes on a grid of anatomies and SGG-VQA-style questions about them.
 
-Each scene is a small RGB image cut into a `grid x grid` layout of regions, one anatomy per region,
-with SGG-VQA-style multiple-choice questions about it ("What anatomy is at the top-left of the
-frame?", "What is the anatomy left of the gallbladder?"). At the default 56 px and 2x2 grid every
-region is exactly one merged Qwen2.5-VL visual token (two 14 px patches each way), so a network of a
-few million parameters can see what it needs.
-
-Why families: the curriculum's difficulty measure S(q) (how alike the option texts are) should
-predict how hard a question really is. Anatomies of one family have alike names *and* alike looks
-(colours one channel apart, or the same colour family with another texture); different families are
-far apart in colour. A question whose distractors come from the gold's own family is therefore both
-high-S(q) and visually hard; one with distractors from other families is low-S(q) and easy.
-
-| name | family | rgb | texture |
-| --- | --- | --- | --- |
-| Cystic Duct | cystic | (210, 210, 40) | plain |
-| Cystic Artery | cystic | (160, 210, 40) | plain |
-| Cystic Plate | cystic | (210, 210, 90) | stripes |
-| Common Bile Duct | bile_duct | (40, 80, 210) | plain |
-| Common Hepatic Duct | bile_duct | (40, 130, 210) | plain |
-| Hepatic Artery | bile_duct | (90, 80, 210) | vstripes |
-| Gallbladder | gallbladder | (40, 160, 60) | plain |
-| Gallbladder Neck | gallbladder | (40, 160, 110) | plain |
-| Gallbladder Fundus | gallbladder | (90, 160, 60) | dots |
-| Liver | liver | (140, 30, 30) | plain |
-| Left Liver Lobe | liver | (140, 30, 80) | plain |
-| Right Liver Lobe | liver | (190, 30, 30) | checker |
-| Omentum | omentum | (245, 235, 170) | dots |
-| Gut | gut | (240, 120, 190) | plain |
-| Abdominal Wall Cavity | abdominal_wall | (25, 25, 25) | plain |
-| Diaphragm | diaphragm | (180, 50, 240) | checker |
-| Stomach | stomach | (250, 130, 40) | stripes |
-| Falciform Ligament | falciform_ligament | (40, 220, 220) | vstripes |
-
-Within a family colours are at most ~71/255 apart (Euclidean RGB), across families at least ~88.
-The optional tool (a grey "hook", rgb (170, 170, 180)) is drawn over one region.
-
-Benchmarks (`benchmark=`): "v1" (the default, the table above) turned out not to have the property
-the curriculum relies on: 71/255 apart under pixel noise of sigma 6, family members are as easy to
-tell apart as families, so after GRPO the highest-S(q) stage was not the hardest. "v2" makes visual
-difficulty follow name similarity (docs/benchmark_v2/README.md has the measurement and the designs
-that failed it):
-- looks are v1's, except that family members with alike names (`V2_LOOKALIKE_GROUPS`: MiniLM
-  cosine >= 0.65) share one look, `V2_LOOKALIKE_GAP` = 12/255 apart;
-- every frame gets its own illumination, a gain in [1 - `V2_GAIN`, 1 + `V2_GAIN`] and a per-channel
-  offset of sigma `V2_TINT_SIGMA` = 14: that jitter (>= 14/255 per channel, ~27 in all) exceeds the
-  look-alike gap, while any two other looks differ in texture (and by >= 38/255) or by >= 100/255;
-- a question's distractors are every kin of the gold that fits, the rest from other families, so
-  S(q) follows the gold: singletons are low-S(q) and easy, members with a look of their own medium,
-  look-alikes high-S(q) and hard. (A trained policy gives each look one name, so a look-alike gold
-  is hard whatever its distractors: with v1's uniform number of kin, many hard golds land in the
-  low-S(q) stage.)
-
-Files: `write_synthetic_split` writes `<split>.jsonl` (one `Question.to_record()` per line, image
-paths relative to the JSONL's folder), `images/<split>-<scene>.png` (questions of one scene share
-it) and `<split>.manifest.json`, which lets a second call with the same content skip all work.
+At the default 56 px and 2x2 grid every region is exactly one merged Qwen2.5-VL visual token (two
+14 px patches each way), so a network of a few million parameters can see what it needs. The
+vocabulary and looks of each benchmark are in `looks`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from anatomy_lightning.data.schema import MAX_OPTIONS, MIN_OPTIONS, Question
+from anatomy_lightning.data.synthetic.looks import (
+    ANATOMIES,
+    BENCHMARKS,
+    BY_NAME,
+    V2_GAIN,
+    V2_LOOKS,
+    V2_TINT_SIGMA,
+    V3_AMBIGUOUS,
+    V3_ANATOMIES,
+    V3_BY_NAME,
+    V3_CLEAR,
+    V3_HARD_SHARE,
+    Anatomy,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KINDS",
+    "RELATIONS",
+    "TEXTURE_DEPTH",
+    "TOOL_NAME",
+    "TOOL_RGB",
+    "Scene",
+    "SceneGenerator",
+    "position_name",
+]
 
 FORMAT_VERSION = 1  # bump when rendering or question generation changes, so old files are rewritten
 
-
-@dataclass(frozen=True)
-class Anatomy:
-    """One class of the synthetic vocabulary: how it is named, grouped and drawn."""
-
-    name: str
-    family: str
-    rgb: tuple[int, int, int]
-    texture: str
-
-
-ANATOMIES: tuple[Anatomy, ...] = (
-    Anatomy("Cystic Duct", "cystic", (210, 210, 40), "plain"),
-    Anatomy("Cystic Artery", "cystic", (160, 210, 40), "plain"),
-    Anatomy("Cystic Plate", "cystic", (210, 210, 90), "stripes"),
-    Anatomy("Common Bile Duct", "bile_duct", (40, 80, 210), "plain"),
-    Anatomy("Common Hepatic Duct", "bile_duct", (40, 130, 210), "plain"),
-    Anatomy("Hepatic Artery", "bile_duct", (90, 80, 210), "vstripes"),
-    Anatomy("Gallbladder", "gallbladder", (40, 160, 60), "plain"),
-    Anatomy("Gallbladder Neck", "gallbladder", (40, 160, 110), "plain"),
-    Anatomy("Gallbladder Fundus", "gallbladder", (90, 160, 60), "dots"),
-    Anatomy("Liver", "liver", (140, 30, 30), "plain"),
-    Anatomy("Left Liver Lobe", "liver", (140, 30, 80), "plain"),
-    Anatomy("Right Liver Lobe", "liver", (190, 30, 30), "checker"),
-    Anatomy("Omentum", "omentum", (245, 235, 170), "dots"),
-    Anatomy("Gut", "gut", (240, 120, 190), "plain"),
-    Anatomy("Abdominal Wall Cavity", "abdominal_wall", (25, 25, 25), "plain"),
-    Anatomy("Diaphragm", "diaphragm", (180, 50, 240), "checker"),
-    Anatomy("Stomach", "stomach", (250, 130, 40), "stripes"),
-    Anatomy("Falciform Ligament", "falciform_ligament", (40, 220, 220), "vstripes"),
-)
-BY_NAME: dict[str, Anatomy] = {a.name: a for a in ANATOMIES}
-FAMILIES: dict[str, tuple[Anatomy, ...]] = {
-    fam: tuple(a for a in ANATOMIES if a.family == fam) for fam in dict.fromkeys(a.family for a in ANATOMIES)
-}
-BENCHMARKS = ("v1", "v2", "v3")
-# v2 looks: v1's, except that family members whose names are alike (all-MiniLM-L6-v2 cosine >= 0.65:
-# gallbladder / neck / fundus 0.73-0.81, the two liver lobes 0.96, common bile / common hepatic duct
-# 0.80, cystic duct / artery 0.68) share one look, the group's first member's, each further member
-# tinted by V2_LOOKALIKE_GAP in one channel, below the per-frame lighting jitter. The other members
-# (names 0.44-0.62 alike: Cystic Plate, Hepatic Artery, Liver) keep their own v1 colour and texture.
-V2_LOOKALIKE_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("Cystic Duct", "Cystic Artery"),
-    ("Common Bile Duct", "Common Hepatic Duct"),
-    ("Gallbladder", "Gallbladder Neck", "Gallbladder Fundus"),
-    ("Right Liver Lobe", "Left Liver Lobe"),
-)
-V2_LOOKALIKE_GAP = 12.0
-V2_GAIN = 0.15  # brightness factor uniform in [1 - V2_GAIN, 1 + V2_GAIN], one per frame
-V2_TINT_SIGMA = 14.0  # per-channel offset, one per frame
-
-
-def _v2_looks() -> dict[str, Anatomy]:
-    looks = dict(BY_NAME)
-    for group in V2_LOOKALIKE_GROUPS:
-        base = BY_NAME[group[0]]
-        for i, name in enumerate(group):
-            tint = [0.0, 0.0, 0.0]
-            if i:
-                tint[i - 1] = V2_LOOKALIKE_GAP
-            rgb = tuple(int(v + t) for v, t in zip(base.rgb, tint))
-            looks[name] = Anatomy(name, base.family, rgb, base.texture)  # type: ignore[arg-type]
-    return looks
-
-
-V2_LOOKS: dict[str, Anatomy] = _v2_looks()
-
-# v3 (docs/benchmark_v3): every anatomy has one twin whose name is alike (all-MiniLM-L6-v2 cosine
-# 0.69-0.96); pairs are far apart in colour. Difficulty varies within every class, and the option
-# set tells it: half the frames are "hard", the anatomy seen in an ambiguous view (twins share the
-# pair's texture and its colour dimmed by V3_DIM, the second twin V3_TWIN_GAP brighter in one
-# channel before dimming, under v2's per-frame lighting), and the question's distractors are the gold's twin plus both members of one other pair;
-# the other half are "easy", a clear view (the second twin has a texture and colour of its own) and
-# distractors from three other pairs, one each. So every class has easy and hard questions, a
-# class-neutral S(q) ranks them, and the text alone gives nothing away: in a hard question every
-# option has its name twin among the options, in an easy one none has.
-V3_PAIRS: tuple[tuple[str, str, tuple[int, int, int], str], ...] = (
-    ("Cystic Duct", "Cystic Artery", (210, 210, 40), "plain"),
-    ("Common Bile Duct", "Common Hepatic Duct", (40, 80, 210), "plain"),
-    ("Gallbladder Neck", "Gallbladder Fundus", (40, 160, 60), "plain"),
-    ("Left Liver Lobe", "Right Liver Lobe", (140, 30, 30), "plain"),
-    ("Greater Omentum", "Lesser Omentum", (245, 235, 170), "dots"),
-    ("Falciform Ligament", "Round Ligament", (40, 220, 220), "vstripes"),
-    ("Small Bowel", "Large Bowel", (240, 120, 190), "plain"),
-    ("Diaphragm Dome", "Diaphragm Crus", (180, 50, 240), "checker"),
-)
-V3_TWIN_GAP = 20.0  # ambiguous view: the second twin is this much brighter in the pair colour's lowest channel
-V3_CLEAR_GAP = 60.0  # clear view: ... this much, and it has a texture of its own
-V3_HARD_SHARE = 0.5  # share of questions whose distractors include the gold's twin
-
-
-def _v3_anatomies() -> tuple[Anatomy, ...]:
-    out = []
-    for a, b, rgb, texture in V3_PAIRS:
-        channel = min(range(3), key=lambda i: rgb[i])
-        twin = tuple(int(v + (V3_TWIN_GAP if i == channel else 0)) for i, v in enumerate(rgb))
-        family = a.lower().replace(" ", "_")
-        out += [Anatomy(a, family, rgb, texture), Anatomy(b, family, twin, texture)]  # type: ignore[arg-type]
-    return tuple(out)
-
-
-V3_ANATOMIES: tuple[Anatomy, ...] = _v3_anatomies()
-V3_BY_NAME: dict[str, Anatomy] = {a.name: a for a in V3_ANATOMIES}
-V3_DIM = 0.55  # ambiguous view: the pair's colour dimmed by this factor (a look no clear view has)
-
-
-def _v3_ambiguous() -> dict[str, Anatomy]:
-    return {a.name: Anatomy(a.name, a.family, tuple(int(v * V3_DIM) for v in a.rgb), a.texture)  # type: ignore[arg-type]
-            for a in V3_ANATOMIES}
-
-
-V3_AMBIGUOUS: dict[str, Anatomy] = _v3_ambiguous()
-
-
-def _v3_clear() -> dict[str, Anatomy]:
-    looks = {}
-    for a, b, rgb, texture in V3_PAIRS:
-        channel = min(range(3), key=lambda i: rgb[i])
-        twin = tuple(int(v + (V3_CLEAR_GAP if i == channel else 0)) for i, v in enumerate(rgb))
-        own = "checker" if texture != "checker" else "stripes"
-        looks[a] = V3_BY_NAME[a]
-        looks[b] = Anatomy(b, V3_BY_NAME[b].family, twin, own)  # type: ignore[arg-type]
-    return looks
-
-
-V3_CLEAR: dict[str, Anatomy] = _v3_clear()
-TEXTURES = ("plain", "stripes", "vstripes", "dots", "checker")
 TEXTURE_DEPTH = 0.45  # textured pixels are darkened by this share of their colour
 TOOL_NAME, TOOL_RGB = "hook", (170, 170, 180)
 KINDS = ("position", "relation", "tool")
@@ -438,7 +281,7 @@ class SceneGenerator:
             distractors, n_hard = self._v3_distractors(gold, hard)
             return self._place(gold, distractors) + (n_hard,)
         kin = [a for a in self._families[gold.family] if a.name != gold.name]
-        # v2: always every kin that fits, so S(q) follows the gold (see the module docstring)
+        # v2: always every kin that fits, so S(q) follows the gold (see `looks`)
         n_hard = min(k - 1, len(kin)) if self.benchmark == "v2" else rng.randint(0, min(k - 1, len(kin)))
         distractors = rng.sample(kin, n_hard) + rng.sample(self._others[gold.family], k - 1 - n_hard)
         return self._place(gold, distractors) + (n_hard,)
@@ -495,61 +338,3 @@ class SceneGenerator:
         if self.benchmark != "v1":  # v1's manifest stays byte for byte what it was
             settings["benchmark"] = self.benchmark
         return settings
-
-
-# -- files -------------------------------------------------------------------------------------
-
-
-def _write_split(out_dir: Path, split: str, gen: SceneGenerator, n: int) -> Path:
-    drawn = gen.draw(n, split, with_images=True)
-    text = "".join(json.dumps(q.to_record(), ensure_ascii=False) + "\n" for _, qs in drawn for q in qs)
-    manifest = {
-        "split": split,
-        "questions": n,
-        "scenes": len(drawn),
-        "jsonl_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "render": gen.render_settings(),
-    }
-    jsonl, manifest_path = out_dir / f"{split}.jsonl", out_dir / f"{split}.manifest.json"
-    images = [out_dir / qs[0].images[0] for _, qs in drawn]
-    if (
-        manifest_path.is_file()
-        and jsonl.is_file()
-        and json.loads(manifest_path.read_text()) == manifest
-        and hashlib.sha256(jsonl.read_bytes()).hexdigest() == manifest["jsonl_sha256"]
-        and all(p.is_file() for p in images)
-    ):
-        return jsonl  # same content already on disk
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)  # written last: its presence means the split is complete
-    for stale in (out_dir / "images").glob(f"{split}-*.png"):
-        stale.unlink()
-    for (scene, _), path in zip(drawn, images):
-        gen.render(scene).save(path, format="PNG")
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, jsonl)
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return jsonl
-
-
-def write_synthetic_split(out_dir: str | os.PathLike[str], n: int, seed: int = 0, split: str = "train",
-                          **kw: Any) -> Path:
-    """Write `n` questions to `out_dir/<split>.jsonl` plus their images; returns the JSONL path.
-
-    `kw` goes to `SceneGenerator`. Does nothing when the same content is already there.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return _write_split(out, split, SceneGenerator(seed=seed, **kw), n)
-
-
-def write_synthetic_dataset(out_dir: str | os.PathLike[str], n_train: int, n_val: int, n_test: int,
-                            seed: int = 0, **kw: Any) -> dict[str, Path]:
-    """Write train/val/test splits whose scenes are disjoint (one generator stream, no repeated layout)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = SceneGenerator(seed=seed, **kw)
-    return {split: _write_split(out, split, gen, n) for split, n in (("train", n_train), ("val", n_val),
-                                                                      ("test", n_test))}
-

@@ -44,7 +44,7 @@ def length_reward(completions: list[str], questions: list, **kwargs: Any) -> lis
 
 MODEL_KWARGS: dict[str, Any] = {
     "dtype": "float32", "num_generations": 2, "max_new_tokens": 6, "beta": 0.0, "learning_rate": 1e-2,
-    "rewards": {"tests.tiny_vqa:length_reward": 1.0}, "sample_every_n_steps": 0,
+    "rewards": {"tests.support.tiny_vqa:length_reward": 1.0},
 }
 
 

@@ -1,4 +1,4 @@
-"""Question rewriters for Group Diversity Question Augmentation (GDQA).
+"""Rule-based question rewriters for Group Diversity Question Augmentation (GDQA).
 
 A rewriter turns one hard question into a few new ones. The informative ones (the defaults)
 change what is asked so an all-wrong group can get reward spread: `eliminate_options` drops the
@@ -8,10 +8,6 @@ spatial relation, reordered options, another answer form); measured at equal com
 help (docs: DESIGN.md, GDQA). Every rewrite keeps the image and the gold option text, so the reward
 functions (which check the letter or the option text) stay valid. All randomness comes from the `random.Random` passed in,
 so a seeded augmenter makes the same rewrites on every rank and after a resume.
-
-YAML lists rewriters by registry name, with arguments where wanted:
-
-    rewriters: [{name: eliminate_options, keep: 2}, contrast_cue, template_paraphrase]
 """
 
 from __future__ import annotations
@@ -20,41 +16,27 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
+from anatomy_lightning.augment.stem import ParsedStem, parse_stem, same_stem
 from anatomy_lightning.data.prompts import PIN_KEY
-from anatomy_lightning.data.schema import LETTERS, Question
+from anatomy_lightning.data.schema import Question
+
+if TYPE_CHECKING:
+    from anatomy_lightning.augment.registry import Rewriter
 
 __all__ = [
-    "REWRITERS",
     "AnswerForm",
     "Chain",
-    "Clause",
     "ContrastCue",
     "EliminateOptions",
     "InvertRelation",
-    "LocalModelRewriter",
-    "ParsedStem",
-    "Rewriter",
+    "OptionEmbed",
     "ShuffleOptions",
     "TemplateParaphrase",
-    "build_rewriter",
-    "build_rewriters",
     "derive",
     "distractors_by_nearness",
-    "parse_stem",
-    "validate_generated",
 ]
-
-
-@runtime_checkable
-class Rewriter(Protocol):
-    """Maps a question to zero or more rewrites; must only use `rng` for randomness."""
-
-    name: str
-
-    def __call__(self, q: Question, rng: random.Random) -> list[Question]: ...
 
 
 def derive(
@@ -87,23 +69,6 @@ def derive(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Stem parsing: the SGG-VQA question forms (and the synthetic scenes' simpler ones)
-# ---------------------------------------------------------------------------------------------
-
-# canonical relation -> surface forms: the data's own plus a few rewordings (first is the plainest)
-_SURFACES: dict[str, tuple[str, ...]] = {
-    "left": ("left of", "to the left of", "on the left side of"),
-    "right": ("right of", "to the right of", "on the right side of"),
-    "above": ("above", "higher than"),
-    "below": ("below", "beneath", "under"),
-    "within": ("within", "inside"),
-    "horizontal": ("horizontal to", "horizontally aligned with"),
-    "vertical": ("vertical to", "vertically aligned with"),
-    "retracted_by": ("retracted by", "held back by"),
-    "coagulated_by": ("coagulated by", "being coagulated by"),
-}
-_EXTRA_SURFACES = {"horizontal": ("horizontal",), "vertical": ("vertical",)}  # as written in SGG-VQA
 # relation R(target, ref) read from the reference's side: R'(ref, target)
 _INVERSE: dict[str, str] = {
     "left": "is to the right of",
@@ -116,95 +81,6 @@ _INVERSE: dict[str, str] = {
     "retracted_by": "retracts",
     "coagulated_by": "coagulates",
 }
-_SURFACE_TO_REL = {
-    s: rel for rel in _SURFACES for s in _SURFACES[rel] + _EXTRA_SURFACES.get(rel, ())
-}
-_REL_RE = "|".join(sorted(map(re.escape, _SURFACE_TO_REL), key=len, reverse=True))
-_CLAUSE_RE = re.compile(rf"(?P<rel>{_REL_RE}|\w+ed by) the (?P<ref>.+)")
-_CLAUSE_SPLIT_RE = re.compile(rf" and (?=(?:{_REL_RE}|\w+ed by) the )")
-
-_POS = r"(?:top|bottom|mid|upper|lower)-(?:left|mid|right|middle)|center|centre"
-_NOUN = r"(?:anatomy|thing|object|structure|organ)"
-_TARGET = rf"(?:[\w\-]+ ){{0,3}}?{_NOUN}"
-_NOT_DESC = {"name", "of", "the", "that", "is", "a", "an", "which", "what"}
-
-_POSITION_RE = re.compile(rf"^what anatomy is (?:at|in) the (?P<pos>{_POS}) of the (?:frame|image)$")
-_RELATION_RES = [
-    re.compile(rf"^what is the name of the (?P<target>{_TARGET})(?: that is)? (?P<clauses>.+)$"),
-    re.compile(rf"^what name is the (?P<target>{_TARGET})(?: that is)? (?P<clauses>.+)$"),
-    re.compile(rf"^what is the (?P<target>{_TARGET})(?: that is)? (?P<clauses>.+)$"),
-    re.compile(rf"^which (?P<target>{_TARGET}) is (?P<clauses>.+)$"),
-    re.compile(
-        rf"^there is an? (?P<target>{_TARGET})(?: that is)? (?P<clauses>.+?)[;,] "
-        r"what (?:is its name|name is it|is it)$"
-    ),
-]
-_ATTRIBUTE_RES = [
-    re.compile(r"^what is the (?P<desc>(?:[\w\-]+ ){1,3})anatomy$"),
-    re.compile(r"^there is an? (?P<desc>(?:[\w\-]+ ){1,3})anatomy[;,] what (?:is its name|name is it|is it)$"),
-]
-
-
-@dataclass(frozen=True)
-class Clause:
-    """One spatial or action relation of the answer to a reference: ("left", "red gut thing")."""
-
-    relation: str
-    reference: str
-    surface: str
-
-    def render(self, rng: random.Random | None = None) -> str:
-        forms = _SURFACES.get(self.relation, (self.surface,))
-        return f"{rng.choice(forms) if rng else forms[0]} the {self.reference}"
-
-
-@dataclass(frozen=True)
-class ParsedStem:
-    """A stem read into (kind, slots). kind: position | attribute | relation | unknown."""
-
-    kind: str
-    text: str
-    target: str = "anatomy"  # the answer's noun phrase, e.g. "red top-mid thing"
-    position: str | None = None
-    clauses: tuple[Clause, ...] = ()
-
-
-def _clean(stem: str) -> str:
-    """One line, no trailing '?', the dataset's ' ?' and '?;' quirks removed, lower case."""
-    text = " ".join(stem.split())
-    text = text.replace("?;", ";").replace(" ?", "?").strip().rstrip("?").strip()
-    return text.lower()
-
-
-def _clauses(text: str) -> tuple[Clause, ...] | None:
-    text = text.removeprefix("both ")
-    out = []
-    for part in _CLAUSE_SPLIT_RE.split(text):
-        m = _CLAUSE_RE.fullmatch(part)
-        if m is None:
-            return None
-        surface = m["rel"]
-        out.append(Clause(_SURFACE_TO_REL.get(surface, surface.replace(" ", "_")), m["ref"], surface))
-    return tuple(out) if 1 <= len(out) <= 3 else None
-
-
-def parse_stem(stem: str) -> ParsedStem:
-    """Parse an SGG-VQA style stem; anything else is `unknown` (generic paraphrases only)."""
-    text = _clean(stem)
-    if m := _POSITION_RE.match(text):
-        return ParsedStem("position", stem, position=m["pos"])
-    for pattern in _RELATION_RES:
-        m = pattern.match(text)
-        if m and (clauses := _clauses(m["clauses"])):
-            pos = re.search(rf"\b({_POS})\b", m["target"])
-            return ParsedStem("relation", stem, target=m["target"], position=pos and pos[1], clauses=clauses)
-    for pattern in _ATTRIBUTE_RES:
-        m = pattern.match(text)
-        if m and not set(m["desc"].split()) & _NOT_DESC:
-            desc = m["desc"].strip()
-            pos = re.search(rf"\b({_POS})\b", desc)
-            return ParsedStem("attribute", stem, target=f"{desc} anatomy", position=pos and pos[1])
-    return ParsedStem("unknown", stem)
 
 
 def _a(noun_phrase: str) -> str:
@@ -213,10 +89,6 @@ def _a(noun_phrase: str) -> str:
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
-
-
-def _same(a: str, b: str) -> bool:
-    return _clean(a) == _clean(b)
 
 
 def _describe(p: ParsedStem) -> str:
@@ -238,14 +110,9 @@ def _pos_words(pos: str, rng: random.Random) -> str:
     return " ".join(swap.get(w, w) for w in pos.split("-"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Rewriters
-# ---------------------------------------------------------------------------------------------
-
-
 def _pick(texts: list[str], orig: str, n: int, rng: random.Random) -> list[str]:
     """Up to n distinct texts that differ from the original, chosen with `rng`."""
-    unique = [t for t in dict.fromkeys(texts) if not _same(t, orig)]
+    unique = [t for t in dict.fromkeys(texts) if not same_stem(t, orig)]
     return rng.sample(unique, min(n, len(unique)))
 
 
@@ -413,6 +280,8 @@ class Chain:
     """Applies rewriters in sequence (each output of one goes through the next): composition."""
 
     def __init__(self, steps: Sequence[Rewriter | str | Mapping[str, Any]], num_variants: int = 2) -> None:
+        from anatomy_lightning.augment.registry import build_rewriters  # the registry lists Chain itself
+
         self.steps = build_rewriters(steps)
         if not self.steps:
             raise ValueError("chain: `steps` is empty; list at least one rewriter name")
@@ -543,161 +412,3 @@ class ContrastCue:
         stem = " ".join(q.question.split())
         cue = self.template.format(distractor=distractor)
         return [derive(q, 0, self.name, question=f"{stem} {cue}", metadata={"cue_excludes": distractor})]
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional: a local text-generation model as a paraphraser
-# ---------------------------------------------------------------------------------------------
-
-_OPTION_LINE_RE = re.compile(rf"^\s*\(?([{LETTERS}])[.)]\s*(.+?)\s*$")
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9_\-]+", text.lower()))
-
-
-def validate_generated(
-    text: str, q: Question, min_words: int = 4, max_words: int = 60, min_overlap: float = 0.2
-) -> Question | None:
-    """Turn one generated text into a rewrite of `q`, or None if it is unusable.
-
-    Read: the first non-empty line is the new stem; option lines right after it ("A. Liver"), if
-    any, are the new option order; anything after that is ignored (models ramble on). Kept only
-    if the stem ends with '?', has min_words..max_words words, differs from the original, shares
-    at least `min_overlap` of its word set with it (drops gibberish), does not name the gold option
-    unless the original did (no answer leak), and any options listed are exactly the original
-    option texts (so the gold option is still there; its index follows its text).
-    """
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
-        return None
-    stem = " ".join(lines[0].split())
-    options = [m[2] for m in itertools.takewhile(bool, (_OPTION_LINE_RE.match(ln) for ln in lines[1:]))]
-    if not stem.endswith("?") or not (min_words <= len(stem.split()) <= max_words) or _same(stem, q.question):
-        return None
-    new, old = _words(stem), _words(q.question)
-    if len(new & old) / max(1, len(new | old)) < min_overlap:
-        return None
-    gold = re.compile(rf"\b{re.escape(q.answer_text.lower())}\b")
-    if gold.search(stem.lower()) and not gold.search(q.question.lower()):
-        return None
-    if not options:
-        return q.replace(question=stem)
-    if sorted(options) != sorted(q.options):
-        return None  # lost, added or changed an option: the gold answer is no longer guaranteed
-    return q.replace(question=stem, options=options, answer_index=options.index(q.answer_text))
-
-
-class LocalModelRewriter:
-    """Paraphrases with a local text-generation model (optional; never downloads anything).
-
-    `model` is a folder holding a transformers causal LM and its tokenizer. Outputs are checked
-    by `validate_generated`; candidates that fail are dropped, so a weak model yields fewer
-    rewrites, never wrong ones. The model loads on first use, not at construction.
-    """
-
-    name = "local_model"
-    PROMPT = (
-        "Rewrite the multiple-choice question below so it asks the same thing in different words. "
-        "Keep the options unchanged.\nQuestion: {question}\n{options}\nRewritten question:"
-    )
-
-    def __init__(
-        self,
-        model: str,
-        num_variants: int = 2,
-        num_candidates: int = 4,
-        max_new_tokens: int = 48,
-        temperature: float = 0.9,
-        device: str | int | None = None,
-    ) -> None:
-        self.model_path, self.device = model, device
-        self.num_variants, self.num_candidates = num_variants, num_candidates
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self._pipe: Callable[..., Any] | None = None
-
-    def _pipeline(self) -> Callable[..., Any]:
-        if self._pipe is None:
-            from pathlib import Path
-
-            from transformers import pipeline
-
-            if not Path(self.model_path).is_dir():
-                raise FileNotFoundError(
-                    f"local_model rewriter: model folder {self.model_path!r} does not exist; give the path "
-                    "of a locally saved causal LM (save_pretrained output); models are never downloaded"
-                )
-            # a folder path never touches the hub; HF_HUB_OFFLINE=1 guards the rest
-            self._pipe = pipeline("text-generation", model=self.model_path, device=self.device)
-        return self._pipe
-
-    def generate(self, q: Question, rng: random.Random) -> list[str]:
-        import torch
-
-        pipe = self._pipeline()
-        prompt = self.PROMPT.format(question=q.question.strip(), options=q.options_block())
-        with torch.random.fork_rng(devices=[]):  # seeded from rng, global RNG state untouched
-            torch.manual_seed(rng.randrange(2**31))
-            out = pipe(
-                prompt,
-                do_sample=True,
-                temperature=self.temperature,
-                max_new_tokens=self.max_new_tokens,
-                num_return_sequences=self.num_candidates,
-                return_full_text=False,
-                pad_token_id=pipe.tokenizer.pad_token_id or pipe.tokenizer.eos_token_id,
-            )
-        return [o["generated_text"] for o in out]
-
-    def __call__(self, q: Question, rng: random.Random) -> list[Question]:
-        kept: list[Question] = []
-        for text in self.generate(q, rng):
-            r = validate_generated(text, q)
-            if r is not None and all(not _same(r.question, k.question) for k in kept):
-                kept.append(r)
-        kept = kept[: self.num_variants]
-        return [
-            derive(q, k, self.name, question=r.question, options=r.options, answer_index=r.answer_index)
-            for k, r in enumerate(kept)
-        ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-REWRITERS: dict[str, Callable[..., Rewriter]] = {
-    TemplateParaphrase.name: TemplateParaphrase,
-    InvertRelation.name: InvertRelation,
-    ShuffleOptions.name: ShuffleOptions,
-    AnswerForm.name: AnswerForm,
-    EliminateOptions.name: EliminateOptions,
-    ContrastCue.name: ContrastCue,
-    LocalModelRewriter.name: LocalModelRewriter,
-    "chain": Chain,
-}
-
-
-def build_rewriter(spec: Rewriter | str | Mapping[str, Any]) -> Rewriter:
-    """A rewriter from a registry name, a {name: ..., **args} mapping, or an instance."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if isinstance(spec, Mapping):
-        args = dict(spec)
-        name = args.pop("name", None)
-        if name not in REWRITERS:
-            raise ValueError(
-                f"augment rewriters: unknown rewriter {name!r} in {dict(spec)!r}; "
-                f"choose one of {sorted(REWRITERS)} (as a name or as {{name: ..., <args>}})"
-            )
-        try:
-            return REWRITERS[name](**args)
-        except TypeError as err:
-            raise ValueError(f"augment rewriters: bad arguments for {name!r}: {args!r} ({err})") from err
-    if callable(spec) and isinstance(getattr(spec, "name", None), str):
-        return spec
-    raise ValueError(f"augment rewriters: {spec!r} is not a rewriter name, mapping or Rewriter object")
-
-
-def build_rewriters(specs: Sequence[Rewriter | str | Mapping[str, Any]]) -> list[Rewriter]:
-    return [build_rewriter(s) for s in specs]

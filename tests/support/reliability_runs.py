@@ -36,7 +36,7 @@ def write_override(
             "enable_model_summary": False,
             "callbacks": [
                 {
-                    "class_path": "anatomy_lightning.callbacks.checkpoint.ResumableCheckpoint",
+                    "class_path": "anatomy_lightning.checkpointing.ResumableCheckpoint",
                     "init_args": {
                         "dirpath": "checkpoints/demo",
                         "filename": "{step}",
@@ -45,7 +45,7 @@ def write_override(
                         "save_top_k": -1,
                     },
                 },
-                {"class_path": "tests.reliability.state_dump.StateDump"},
+                {"class_path": "tests.support.state_dump.StateDump"},
                 *extra_callbacks,
             ],
         },

@@ -1,0 +1,42 @@
+"""Checkpoints that survive a SIGKILL and resume a run exactly where it stopped.
+
+Wired into the shipped configs as two pieces: `AtomicCheckpointIO` (a `trainer.plugins` entry,
+`io`) writes checkpoints that a kill or a full disk cannot tear, and `ResumableCheckpoint` (in
+place of `ModelCheckpoint`, `callback`) saves and checks what a resumed run needs to continue
+like an uninterrupted one. The checks it relies on stand alone: damaged files (`files`), the
+run fingerprint (`fingerprint`), random streams (`rng`) and stop signals (`preemption`).
+"""
+
+from anatomy_lightning.checkpointing.callback import ResumableCheckpoint
+from anatomy_lightning.checkpointing.files import (
+    STEP_FILE,
+    check_checkpoint_file,
+    checkpoint_problem,
+    newest_readable_step_checkpoint,
+)
+from anatomy_lightning.checkpointing.fingerprint import (
+    FINGERPRINT_ENV,
+    check_weights_fit,
+    fingerprint_differences,
+    run_fingerprint,
+)
+from anatomy_lightning.checkpointing.io import AtomicCheckpointIO, CheckpointSaveError
+from anatomy_lightning.checkpointing.preemption import Preempted
+from anatomy_lightning.checkpointing.rng import get_rng_state, set_rng_state
+
+__all__ = [
+    "FINGERPRINT_ENV",
+    "STEP_FILE",
+    "AtomicCheckpointIO",
+    "CheckpointSaveError",
+    "Preempted",
+    "ResumableCheckpoint",
+    "check_checkpoint_file",
+    "check_weights_fit",
+    "checkpoint_problem",
+    "fingerprint_differences",
+    "get_rng_state",
+    "newest_readable_step_checkpoint",
+    "run_fingerprint",
+    "set_rng_state",
+]

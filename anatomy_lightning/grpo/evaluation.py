@@ -1,0 +1,119 @@
+"""Greedy evaluation: one row per question, the accuracy report `test` prints, predictions JSONL.
+
+The settings here are a section of their own (`evaluation:`), not model hyperparameters: what a
+user asks of this evaluation wins over whatever the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anatomy_lightning.data.schema import Question
+from anatomy_lightning.grpo.rewards import extract_choice
+
+
+@dataclass
+class EvaluationSettings:
+    """What evaluation writes and how long it lets the model answer.
+
+    Args:
+        predictions_file: where `test` / `predict` write their JSONL (default: <log dir>/predictions.jsonl).
+        max_new_tokens: completion budget for greedy evaluation (null: model.max_new_tokens).
+        sample_every_n_steps: a text sample (question, gold, completion, reward) in TensorBoard this
+            often during training (0: none).
+    """
+
+    predictions_file: str | None = None
+    max_new_tokens: int | None = None
+    sample_every_n_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"evaluation.max_new_tokens={self.max_new_tokens}: an integer >= 1, or null for model.max_new_tokens")
+        if self.sample_every_n_steps < 0:
+            raise ValueError(f"evaluation.sample_every_n_steps={self.sample_every_n_steps}: an integer >= 0 (0 = no text samples)")
+
+
+def evaluation_rows(questions: list[Question], texts: list[str]) -> list[dict[str, Any]]:
+    """One row per question: what was asked, the gold letter, the greedy answer and whether it is right."""
+    rows = []
+    for q, text in zip(questions, texts):
+        pred = extract_choice(text, q.options)
+        rows.append({
+            "id": q.id,
+            "uid": q.uid,
+            "question": q.question,
+            "images": list(q.images),  # every image the prompt showed, in order
+            "options": q.options,
+            "gold": q.answer_letter,
+            "prediction": None if pred is None else "ABCDEF"[pred],
+            "correct": pred == q.answer_index,
+            "anatomy": q.anatomy,
+            "stage": q.stage,
+            "similarity": q.similarity,
+            "completion": text,
+        })
+    return rows
+
+
+def accuracy_by(rows: list[dict[str, Any]]) -> dict[str, dict[Any, list[bool]]]:
+    """Correctness grouped by anatomy (gold option) and by difficulty stage."""
+    by: dict[str, dict[Any, list[bool]]] = {"anatomy": defaultdict(list), "stage": defaultdict(list)}
+    for r in rows:
+        by["anatomy"][r["anatomy"]].append(r["correct"])
+        by["stage"][r["stage"]].append(r["correct"])
+    return by
+
+
+def format_report(rows: list[dict[str, Any]], by: dict[str, dict[Any, list[bool]]]) -> str:
+    """The summary table `test` prints: accuracy overall, per anatomy and per difficulty stage."""
+    n = len(rows)
+    acc = sum(r["correct"] for r in rows) / max(1, n)
+    lines = [f"{'':<32}{'n':>6}{'accuracy':>10}", f"{'overall':<32}{n:>6}{acc:>10.3f}", "per anatomy (gold option):"]
+    for name, vals in sorted(by["anatomy"].items(), key=lambda kv: str(kv[0])):
+        lines.append(f"  {str(name)[:30]:<30}{len(vals):>6}{sum(vals) / len(vals):>10.3f}")
+    lines.append("per difficulty stage (S(q) quantile):")
+    for k, vals in sorted(by["stage"].items(), key=lambda kv: (kv[0] is None, kv[0])):
+        lines.append(f"  stage {k!s:<24}{len(vals):>6}{sum(vals) / len(vals):>10.3f}")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """One JSON row per question."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def sample_text(q: Question, completion: str, reward: float) -> str:
+    """A training sample as TensorBoard markdown: question, options, gold, completion, reward."""
+    return (
+        f"**question** {q.question}  \n**options** {' | '.join(q.options)}  \n**gold** {q.answer_letter}. {q.answer_text}  \n"
+        f"**completion** `{completion}`  \n**reward** {reward:.3f}"
+    )
+
+
+def test_banner(trainer: Any, model: str, global_step: int) -> str:
+    """One line naming the split `test` scores and the weights it scores."""
+    dm = getattr(trainer, "datamodule", None)
+    split = dm.describe_test_split() if hasattr(dm, "describe_test_split") else "the test questions"
+    if trainer.ckpt_path:
+        weights = f"checkpoint {trainer.ckpt_path}"
+    elif global_step > 0:
+        weights = f"the policy in memory after {global_step} steps"
+    else:
+        weights = f"the base model {model} (zero-shot: no --ckpt_path)"
+    return f"test: scoring {split} | model: {weights}"
+
+
+def tally_stage(sums: Any, row: dict[str, Any]) -> None:
+    """Add one evaluation row to a (K, [correct, count]) tensor of per-stage sums."""
+    k = min(int(row["stage"] or 0), sums.shape[0] - 1)
+    sums[k, 0] += float(row["correct"])
+    sums[k, 1] += 1

@@ -1,0 +1,134 @@
+"""Optimisation settings that are not GRPO maths: weight dtype against precision, the optimiser and
+its learning-rate schedule (ours or the CLI's), and gradient clipping under manual optimisation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from anatomy_lightning.models.loading import build_optimizer
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# trainer.precision -> the weight dtype it implies ("-true": Lightning casts the module to it)
+PRECISION_DTYPE = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+
+
+def weight_dtype(dtype: str, precision: str | None) -> str:
+    """model.dtype checked against trainer.precision: "auto" takes a "-true" precision's dtype (else
+    stays "auto": the checkpoint's own), an explicit dtype that a "-true" precision contradicts is refused."""
+    implied = PRECISION_DTYPE.get(str(precision))
+    if implied is None:
+        return dtype
+    if dtype == "auto":
+        return implied
+    if dtype != implied:
+        raise ValueError(
+            f"model.dtype={dtype} but trainer.precision={precision} casts the weights to {implied}; "
+            "set one of them (model.dtype: auto follows trainer.precision)"
+        )
+    return dtype
+
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
+    """Multiplier of the base learning rate for optimiser step `step` (0-based).
+
+    Warmup: (step + 1) / (warmup + 1) for the first `warmup_steps` steps (the first step already
+    learns). Then "constant" stays at 1; "linear" and "cosine" decay to 0 at `total_steps`
+    (trainer.max_steps) as Hugging Face's `get_linear_schedule_with_warmup` /
+    `get_cosine_schedule_with_warmup` do.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if not total_steps or total_steps <= 0:
+        raise ValueError(f"model.lr_schedule={schedule!r} decays to 0 at trainer.max_steps; set trainer.max_steps")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _plain(init: Any) -> dict[str, Any]:
+    """A CLI class_path + init_args entry (jsonargparse Namespace or dict) as a dict."""
+    return init.as_dict() if hasattr(init, "as_dict") else dict(init)
+
+
+def configure_optimization(
+    params: list[torch.nn.Parameter], *, optimizer: str, learning_rate: float, weight_decay: float,
+    lr_schedule: str, warmup_steps: int, max_steps: int | None,
+    cli_optimizer: dict[str, Any] | None = None, cli_lr_scheduler: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Lightning's optimiser dict: ours from the model settings, or the CLI's --optimizer /
+    --lr_scheduler (which replace them, and the log says so); the schedule steps once per optimiser step."""
+    from lightning.pytorch.cli import instantiate_class
+
+    if cli_optimizer:
+        if not params:
+            raise ValueError("--optimizer got no parameters: nothing is trainable (set lora, or drop quantization)")
+        opt = instantiate_class(params, _plain(cli_optimizer))
+        log.info(
+            "optimizer %s from --optimizer (lr %g); model.optimizer, model.learning_rate and "
+            "model.weight_decay are not used", type(opt).__name__, opt.param_groups[0]["lr"],
+        )
+    else:
+        opt = build_optimizer(optimizer, params, lr=learning_rate, weight_decay=weight_decay)
+    if cli_lr_scheduler:
+        sched = instantiate_class(opt, _plain(cli_lr_scheduler))
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "--lr_scheduler ReduceLROnPlateau is not supported: the scheduler is stepped once per "
+                "optimizer step, with no metric; use a step-based scheduler or model.lr_schedule"
+            )
+        log.info(
+            "learning-rate schedule %s from --lr_scheduler, stepped once per optimizer step; "
+            "model.lr_schedule and model.warmup_steps are not used", type(sched).__name__,
+        )
+    else:
+        warmup = max(0, warmup_steps)
+        lr_factor(warmup, lr_schedule, warmup, max_steps)  # refuse a decay without max_steps now, not at step N
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, lr_schedule, warmup, max_steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def clip_gradients(opt: torch.optim.Optimizer, clip_val: float | None, algorithm: str) -> float:
+    """Total gradient norm (before clipping), clipped by trainer.gradient_clip_val / _algorithm."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    if algorithm == "value":
+        norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        if clip_val is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        return norm
+    return float(torch.nn.utils.clip_grad_norm_(params, clip_val or float("inf")))
+
+
+def gradient_settings(
+    accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0, gradient_clip_algorithm: str | None = None,
+    num_iterations: int = 1,
+) -> tuple[int, float | None, str]:
+    """(accumulation, clip value or None, clip algorithm) from the Trainer's knobs, checked.
+
+    `gradient_clip_val` None or 0: no clipping, as in Lightning.
+    """
+    if int(accumulate_grad_batches) < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+    if accumulate_grad_batches > 1 and num_iterations > 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} with model.num_iterations="
+            f"{num_iterations}: mu > 1 steps the optimiser several times on one rollout, "
+            "accumulation waits for several rollouts; use one of them"
+        )
+    algorithm = gradient_clip_algorithm or "norm"
+    if algorithm not in ("norm", "value"):
+        raise ValueError(f"trainer.gradient_clip_algorithm={algorithm!r}; choose norm or value")
+    if gradient_clip_val is not None and gradient_clip_val < 0:
+        raise ValueError(f"trainer.gradient_clip_val must be >= 0, got {gradient_clip_val}")
+    return int(accumulate_grad_batches), gradient_clip_val or None, algorithm
