@@ -95,6 +95,9 @@ class SuggestingParser(LightningArgumentParser):
         return super().parse_object(cfg_obj, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        retired = [k for k in re.findall(r"--model\.(\w+)", message) if k in self.RETIRED_KEYS]
+        if "unrecognized arguments" in message and retired:
+            message = f"model.{retired[0]} is {self.RETIRED_KEYS[retired[0]]} now; move it there"
         for kind, group, key in _UNKNOWN.findall(message):
             if kind == "Subcommand":  # the key is already dotted: "model.num_generation"
                 group, _, key = key.rpartition(".")

@@ -221,7 +221,7 @@ class GRPOModule(L.LightningModule):
         sampling = dict(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
                         min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens)
         self.sampler = StepSampler(self.rollouts, self.score, sampling, hp.num_generations, hp.scale_rewards, hp.std_tol)
-        log.info("model family %s (%s path)", self.family.name, "fast" if self.family.fast_path else "generic")
+        log.info("model family %s (%s path)", self.family.name, self.rollouts.path)
 
     def _weight_dtype(self) -> str:
         """model.dtype, checked against (or, for "auto", taken from) trainer.precision."""

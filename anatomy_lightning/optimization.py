@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from anatomy_lightning.models.loading import build_optimizer
+from anatomy_lightning.settings import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,6 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | No
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _plain(init: Any) -> dict[str, Any]:
-    """A CLI class_path + init_args entry (jsonargparse Namespace or dict) as a dict."""
-    return init.as_dict() if hasattr(init, "as_dict") else dict(init)
-
-
 def configure_optimization(
     params: list[torch.nn.Parameter], *, optimizer: str, learning_rate: float, weight_decay: float,
     lr_schedule: str, warmup_steps: int, max_steps: int | None,
@@ -72,7 +68,7 @@ def configure_optimization(
     if cli_optimizer:
         if not params:
             raise ValueError("--optimizer got no parameters: nothing is trainable (set lora, or drop quantization)")
-        opt = instantiate_class(params, _plain(cli_optimizer))
+        opt = instantiate_class(params, plain_dict(cli_optimizer))
         log.info(
             "optimizer %s from --optimizer (lr %g); model.optimizer, model.learning_rate and "
             "model.weight_decay are not used", type(opt).__name__, opt.param_groups[0]["lr"],
@@ -80,7 +76,7 @@ def configure_optimization(
     else:
         opt = build_optimizer(optimizer, params, lr=learning_rate, weight_decay=weight_decay)
     if cli_lr_scheduler:
-        sched = instantiate_class(opt, _plain(cli_lr_scheduler))
+        sched = instantiate_class(opt, plain_dict(cli_lr_scheduler))
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(
                 "--lr_scheduler ReduceLROnPlateau is not supported: the scheduler is stepped once per "

@@ -9,6 +9,7 @@ constructor that takes one calls `coerce_settings`, so no call site sees a dict 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -32,3 +33,16 @@ def coerce_settings(cls: type[T], value: Any, name: str) -> T | None:
             raise ValueError(f"{name}: unknown keys {unknown}; valid keys: {sorted(fields)}")
         return cls(**data)
     raise ValueError(f"{name} must be null, true or a mapping of {sorted(fields)}, got {type(value).__name__} {value!r}")
+
+
+def plain_dict(section: Any) -> dict[str, Any]:
+    """A config section (dict, jsonargparse Namespace, dataclass, None or `true`) as a plain dict."""
+    if section is None or isinstance(section, bool):  # `lora: true` = the defaults
+        return {}
+    if isinstance(section, Mapping):
+        return dict(section)
+    if hasattr(section, "as_dict"):  # jsonargparse Namespace
+        return section.as_dict()
+    if dataclasses.is_dataclass(section):
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return dict(vars(section))

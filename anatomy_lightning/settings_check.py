@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from anatomy_lightning.settings import plain_dict
+
 __all__ = ["SettingsError", "check_settings", "settings_problems"]
 
 
@@ -109,7 +111,7 @@ def _augmentation_problems(section: Mapping[str, Any], problems: list[str]) -> N
         if bad:
             problems.append(f"augmentation.detect = {list(detect)!r}: unknown rules {bad}; choose from {list(DETECT_RULES)}")
     for k, spec in enumerate(section.get("rewriters") or []):
-        spec = {"name": spec} if isinstance(spec, str) else _as_dict(spec) if isinstance(spec, Mapping) or hasattr(
+        spec = {"name": spec} if isinstance(spec, str) else plain_dict(spec) if isinstance(spec, Mapping) or hasattr(
             spec, "as_dict") else None
         if spec is None:
             continue  # a Rewriter object from Python: its constructor checked it
@@ -131,19 +133,6 @@ def _renamed_problems(augmentation: Mapping[str, Any]) -> list[str]:
             for old, new in RENAMED_SETTINGS.items() if augmentation.get(old) is not None]
 
 
-def _as_dict(section: Any) -> dict[str, Any]:
-    """A config section (dict, jsonargparse Namespace, dataclass or None) as a plain dict."""
-    if section is None or isinstance(section, bool):  # `lora: true` = the defaults, already in range
-        return {}
-    if isinstance(section, Mapping):
-        return dict(section)
-    if hasattr(section, "as_dict"):  # jsonargparse Namespace
-        return section.as_dict()
-    if hasattr(section, "__dataclass_fields__"):
-        return {name: getattr(section, name) for name in section.__dataclass_fields__}
-    return dict(vars(section))
-
-
 def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], problems: list[str]) -> None:
     for name, ok, demand in rules:
         value = section.get(name)
@@ -158,13 +147,13 @@ def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], pr
 def settings_problems(model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None) -> list[str]:
     """Every out-of-range setting of the `model`, `data` and `augmentation` sections, as
     "section.key = value (...)"."""
-    model, data, augmentation = _as_dict(model), _as_dict(data), _as_dict(augmentation)
+    model, data, augmentation = plain_dict(model), plain_dict(data), plain_dict(augmentation)
     problems: list[str] = []
-    _check("evaluation.", _as_dict(evaluation), _EVALUATION_RULES, problems)
+    _check("evaluation.", plain_dict(evaluation), _EVALUATION_RULES, problems)
     _check("model.", model, _MODEL_RULES, problems)
     lora = model.get("lora")
     if lora is not None:
-        _check("model.lora.", _as_dict(lora), _LORA_RULES, problems)
+        _check("model.lora.", plain_dict(lora), _LORA_RULES, problems)
     low, high = model.get("min_new_tokens"), model.get("max_new_tokens")
     if isinstance(low, int) and isinstance(high, int) and 1 <= high < low:
         problems.append(f"model.min_new_tokens = {low}: must be <= model.max_new_tokens ({high})")
@@ -174,7 +163,7 @@ def settings_problems(model: Any = None, data: Any = None, augmentation: Any = N
     _check("data.", data, _DATA_RULES, problems)
     synthetic = data.get("synthetic")
     if synthetic is not None:
-        _check("data.synthetic.", _as_dict(synthetic), _SYNTHETIC_RULES, problems)
+        _check("data.synthetic.", plain_dict(synthetic), _SYNTHETIC_RULES, problems)
     if augmentation:
         _augmentation_problems(augmentation, problems)
     return problems
@@ -184,7 +173,7 @@ def check_settings(model: Any = None, data: Any = None, augmentation: Any = None
     """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range.
 
     A renamed key is refused on its own, naming the new key, rather than counted as out of range."""
-    renamed = _renamed_problems(_as_dict(augmentation))
+    renamed = _renamed_problems(plain_dict(augmentation))
     if renamed:
         raise SettingsError("; ".join(renamed))
     problems = settings_problems(model, data, augmentation, evaluation)

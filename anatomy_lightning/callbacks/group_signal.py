@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from anatomy_lightning.distributed import gather_objects, world_size
 from anatomy_lightning.augment.augmenter import group_signal_stats
 from anatomy_lightning.data.schema import Question
 
@@ -44,13 +45,9 @@ def gather_groups(questions: list[Question], rewards: Tensor) -> tuple[list[Ques
     One `all_gather_object` carries both: ranks may hold different N (last batch), which tensor
     all_gather cannot take, and the rewards are CPU tensors, which NCCL collectives cannot take.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() == 1:
         return questions, rewards
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return questions, rewards
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, (questions, rewards))
+    gathered = gather_objects((questions, rewards))
     all_questions = [q for qs, _ in gathered for q in qs]
     return all_questions, torch.cat([r for _, r in gathered], dim=0)
 

@@ -43,7 +43,8 @@ from anatomy_lightning.checkpointing.files import checkpoint_problem, damaged_ch
 from anatomy_lightning.checkpointing.fingerprint import FINGERPRINT_ENV, fingerprint_differences, run_fingerprint
 from anatomy_lightning.checkpointing.io import CheckpointSaveError
 from anatomy_lightning.checkpointing.preemption import Preempted, install_stop_handlers, restore_handlers
-from anatomy_lightning.checkpointing.rng import gather_objects, get_rng_state, set_rng_state
+from anatomy_lightning.checkpointing.rng import get_rng_state, set_rng_state
+from anatomy_lightning.distributed import gather_objects
 
 __all__ = ["ResumableCheckpoint"]
 

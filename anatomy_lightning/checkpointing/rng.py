@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["gather_objects", "get_rng_state", "set_rng_state"]
+__all__ = ["get_rng_state", "set_rng_state"]
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -35,13 +35,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """`obj` of every rank, in rank order (a one-element list outside distributed runs), so rank 0
-    can save the random streams of all ranks. Every rank must call it at the same point."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered

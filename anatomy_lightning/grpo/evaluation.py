@@ -14,6 +14,7 @@ from typing import Any
 
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.rewards import extract_choice
+from anatomy_lightning.settings_check import check_settings
 
 
 @dataclass
@@ -32,10 +33,7 @@ class EvaluationSettings:
     sample_every_n_steps: int = 50
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"evaluation.max_new_tokens={self.max_new_tokens}: an integer >= 1, or null for model.max_new_tokens")
-        if self.sample_every_n_steps < 0:
-            raise ValueError(f"evaluation.sample_every_n_steps={self.sample_every_n_steps}: an integer >= 0 (0 = no text samples)")
+        check_settings(evaluation=self)  # the CLI's rules, for settings made in Python too
 
 
 def evaluation_rows(questions: list[Question], texts: list[str]) -> list[dict[str, Any]]:

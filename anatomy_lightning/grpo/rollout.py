@@ -148,6 +148,10 @@ class Rollouts:
             inputs, row_inputs = self._expanded(questions, group_size)
         return rollout_with_completions(self.policy, inputs, ids, mask, truncated, texts, group_size, row_inputs)
 
+    @property
+    def path(self) -> str:
+        return "fast" if self.family.fast_path else "generic"
+
     def vision_frozen(self) -> bool:
         return vision_frozen(self.policy, self.family)
 

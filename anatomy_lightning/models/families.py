@@ -11,7 +11,7 @@ config does not list it.
 
 Paths:
 - fast (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): image features and mrope positions once per prompt, prefill
-  once per group with the KV cache repeated G times, shared-prompt log-prob forwards (`grpo.rollout`);
+  once per group with the KV cache repeated G times, shared-prompt log-prob forwards (`grpo.fast_path`);
 - generic (every other image-text-to-text model): Hugging Face `generate` and whole-sequence forwards
   on prompts that the processor encoded once per completion, so any processor layout (tiles, image
   masks, token types) stays aligned with its row.
@@ -69,7 +69,7 @@ class ModelFamily:
         """Ids of image/video placeholder and framing tokens, from the config and the processor.
 
         A sampled completion holding one of them, fed back with the prompt's images, makes the
-        model count more image tokens than features; they are masked (see `grpo.rollout`).
+        model count more image tokens than features; they are masked (see `grpo.sequences.vision_token_guard`).
         """
         config = _unwrap(model).config
         ids: set[int] = set()

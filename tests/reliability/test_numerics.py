@@ -172,7 +172,7 @@ def _fit(data_root: Path, max_steps: int, **module_kwargs: Any) -> tuple[Any, L.
 
 
 def test_a_non_finite_loss_skips_the_step_and_is_counted(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import anatomy_lightning.module as module_py
+    import anatomy_lightning.grpo.update as module_py  # where the step calls grpo_loss
 
     calls = {"n": 0}
     real = module_py.grpo_loss
@@ -198,7 +198,7 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(data_root: Path, monkey
 
 
 def test_every_completion_empty_trains_without_nan(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import anatomy_lightning.module as module_py
+    import anatomy_lightning.grpo.fast_path as module_py  # where the step calls generate
 
     real = module_py.generate
 

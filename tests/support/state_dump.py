@@ -75,7 +75,7 @@ class NonFiniteLossOnRank(Callback):
         self.rank, self.batch_idx = rank, batch_idx
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        import anatomy_lightning.module as module_py
+        import anatomy_lightning.grpo.update as module_py  # where the step calls grpo_loss
 
         real = getattr(module_py.grpo_loss, "__wrapped__", module_py.grpo_loss)
         if trainer.global_rank != self.rank or batch_idx != self.batch_idx:
