@@ -164,11 +164,17 @@ def measure(args: argparse.Namespace, device: str, workdir: Path) -> dict[str, A
     probe = MemoryProbe(device)
 
     class ProbedModule(GRPOModule):
-        def rollout(self, questions, greedy=False):  # type: ignore[no-untyped-def]
-            ro = super().rollout(questions, greedy)
-            probe.record("generation", self.global_step)
-            self.completion_tokens = int(ro.completion_mask.sum())
-            return ro
+        def configure_model(self) -> None:  # peak memory right after each rollout
+            super().configure_model()
+            sample = self.rollouts.sample
+
+            def probed(*a: Any, **kw: Any) -> Any:
+                ro = sample(*a, **kw)
+                probe.record("generation", self.global_step)
+                self.completion_tokens = int(ro.completion_mask.sum())
+                return ro
+
+            self.rollouts.sample = probed  # type: ignore[method-assign]
 
     class Probe(L.Callback):
         def on_train_start(self, *_: Any) -> None:

@@ -214,10 +214,16 @@ def run_anatomy_lightning(args: argparse.Namespace, model_dir: Path, data: Path,
     clock = StepClock(args.device)
 
     class CountingModule(GRPOModule):
-        def rollout(self, questions, greedy=False):  # type: ignore[no-untyped-def]
-            ro = super().rollout(questions, greedy)
-            clock.tokens.append(int(ro.completion_mask.sum()))
-            return ro
+        def configure_model(self) -> None:  # count the completion tokens of every rollout
+            super().configure_model()
+            sample = self.rollouts.sample
+
+            def counted(*a: Any, **kw: Any) -> Any:
+                ro = sample(*a, **kw)
+                clock.tokens.append(int(ro.completion_mask.sum()))
+                return ro
+
+            self.rollouts.sample = counted  # type: ignore[method-assign]
 
     class Clock(L.Callback):
         def on_train_batch_end(self, *_: Any) -> None:
