@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
 from anatomy_lightning.checkpointing import check_checkpoint_file
 from anatomy_lightning.callbacks.curriculum import CurriculumCallback
+from anatomy_lightning.callbacks.dashboard import DashboardLayout
 from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
 from anatomy_lightning.data.datamodule import AnatomyVQADataModule
 from anatomy_lightning.data.schema import DataError
@@ -154,6 +155,8 @@ class AnatomyCLI(LightningCLI):
             callbacks.append(StepProgressBar())
         if not any(isinstance(c, ProgressLog) for c in given):
             callbacks.append(ProgressLog())
+        if not any(isinstance(c, DashboardLayout) for c in given):
+            callbacks.append(DashboardLayout())
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
@@ -207,6 +210,22 @@ class AnatomyCLI(LightningCLI):
             weight_dtype(dtype or "auto", trainer.get("precision"))  # a conflict fails now, not after data loading
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._continue_tensorboard_run(config)
+        self._name_tensorboard_run(config)
+
+    def _name_tensorboard_run(self, config: Any) -> None:
+        """An unset TensorBoard `version` becomes `<subcommand>_<n>` (fit_0, test_0, ...): the run
+        folder says what it holds. A resumed fit keeps its run's folder (set just before)."""
+        logger = config["trainer"].get("logger")
+        if not (self.subcommand and hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
+            return
+        init = logger.get("init_args")
+        if init is None or init.get("version") is not None:
+            return
+        root = Path(str(init.get("save_dir") or ".")) / str(init.get("name") or "lightning_logs")
+        n = 0
+        while (root / f"{self.subcommand}_{n}").exists():
+            n += 1
+        init["version"] = f"{self.subcommand}_{n}"
 
     def _continue_tensorboard_run(self, config: Any) -> None:
         """`fit --ckpt_path X`: log into the TensorBoard version folder the checkpoint's run wrote to."""

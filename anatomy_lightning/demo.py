@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,19 +82,26 @@ def run_demo(
         steps=warm_start_steps, seed=seed, answer_form=answer_form, template=template,
     )
     common = ["--config", config, f"--model.model={warm}", *extra]
+    # TensorBoard runs named after what they hold, in the order they ran; a fresh demo replaces them
+    runs = {phase: f"{i}_{phase}" for i, phase in enumerate(("test_warm_start", "fit_grpo", "test_after_grpo"), start=1)}
+    save_dir = ((cfg.get("trainer") or {}).get("logger") or {}).get("init_args", {}).get("save_dir")
+    for version in runs.values() if save_dir else ():
+        shutil.rmtree(Path(str(save_dir)) / run_name / version, ignore_errors=True)
 
     log.info("[2/4] test the warm-started policy (the GRPO starting point)")
-    before = _cli(["test", *common, f"--evaluation.predictions_file={out / 'predictions_before.jsonl'}"]).model.test_results
+    before = _cli(["test", *common, f"--trainer.logger.init_args.version={runs['test_warm_start']}",
+                   f"--evaluation.predictions_file={out / 'predictions_before.jsonl'}"]).model.test_results
 
     log.info("[3/4] GRPO fit with the curriculum and the augmentation")
     ckpt_dir = Path("checkpoints") / run_name
     for stale in ckpt_dir.glob("*.ckpt"):  # a fresh demo run, not a resume of an older one
         stale.unlink()
-    _cli(["fit", *common])
+    _cli(["fit", *common, f"--trainer.logger.init_args.version={runs['fit_grpo']}"])
 
     log.info("[4/4] test the GRPO policy")
     after = _cli(
-        ["test", *common, f"--ckpt_path={ckpt_dir / 'last.ckpt'}", f"--evaluation.predictions_file={out / 'predictions_after.jsonl'}"]
+        ["test", *common, f"--ckpt_path={ckpt_dir / 'last.ckpt'}", f"--trainer.logger.init_args.version={runs['test_after_grpo']}",
+         f"--evaluation.predictions_file={out / 'predictions_after.jsonl'}"]
     ).model.test_results
 
     summary = {
@@ -110,7 +118,8 @@ def run_demo(
         f"\nheld-out accuracy: before GRPO {before['acc']:.3f}  after GRPO {after['acc']:.3f}  "
         f"({summary['gain_points']:+.1f} points, {after['n']} questions)  wall {summary['wall_seconds']:.0f} s"
     )
-    print(f"summary: {out / 'summary.json'}   curves: tensorboard --logdir outputs/tensorboard")
+    print(f"summary: {out / 'summary.json'}   curves: tensorboard --logdir outputs/tensorboard, then "
+          "http://localhost:6006/#custom_scalars")
     return summary
 
 

@@ -79,6 +79,7 @@ _AUGMENTATION_RULES: tuple[_Rule, ...] = (
     ("max_rounds", lambda v: v >= 0, "an integer >= 0"),
     ("max_rounds_per_step", lambda v: v >= 0 and v == int(v), "an integer >= 0 (0 = no same-step replacement)"),
     ("queue_size", lambda v: v >= 0, "an integer >= 0"),
+    ("max_age_steps", lambda v: v >= 1, "an integer >= 1, or null (queued rewrites never expire)"),
     ("temperature", lambda v: v > 0, "> 0, or null"),
     ("lambda_", lambda v: 0 <= v <= 1, "in [0, 1]"),
 )

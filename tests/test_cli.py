@@ -106,7 +106,11 @@ def test_fit_then_test_on_the_demo_config(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "checkpoints" / "clitest" / "last.ckpt"
     assert ckpt.is_file()
-    [log_dir] = sorted((tmp_path / "outputs" / "tensorboard" / "clitest").glob("version_*"))
+    [log_dir] = sorted((tmp_path / "outputs" / "tensorboard" / "clitest").glob("fit_*"))
+    assert log_dir.name == "fit_0"  # the run folder says what it holds
+    from tests.callbacks.test_dashboard import written_layout
+
+    assert written_layout(log_dir) is not None  # TensorBoard's custom-scalars page opens on the method
     scalars = _scalars(log_dir)
     for tag in ("train/reward", "train/reward_std", "train/invalid_gradient_ratio", "train/loss", "train/lr",
                 "train/completion_length/mean", "train/truncated_share", "curriculum/stage",
@@ -129,6 +133,8 @@ def test_fit_then_test_on_the_demo_config(tmp_path: Path) -> None:
     assert len(rows) == 12
     assert {"id", "question", "options", "gold", "prediction", "correct", "completion", "anatomy", "stage"} <= set(rows[0])
     assert "per anatomy (gold option):" in test.stdout and "per difficulty stage" in test.stdout
+    runs = sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / "clitest").iterdir())
+    assert runs == ["fit_0", "test_0"]
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,9 @@ class GroupDiversityAugmenter:
         max_fraction: at most this share of each training batch is replaced by rewrites.
         max_rounds: how many times one original question may be rewritten over the run.
         queue_size: queue cap; when full, the oldest rewrites are dropped first.
+        max_age_steps: a queued rewrite not trained on within this many steps expires (counted
+            as dropped): the policy it was made for has moved on, and a queue that grows faster
+            than `max_fraction` of each batch can drain only trains on stale rewrites. None: never.
         seed: seeds the rewriters' randomness (identical on every rank).
         temperature: sampling temperature for augmented groups, written to
             `q.metadata["temperature"]`; None samples them like any other question.
@@ -196,8 +199,11 @@ class GroupDiversityAugmenter:
         requeue_originals: bool = False,
         when: str = "same_step",
         max_rounds_per_step: int = 1,
+        max_age_steps: int | None = 20,
     ) -> None:
         problems = []
+        if max_age_steps is not None and (isinstance(max_age_steps, bool) or max_age_steps < 1):
+            problems.append(f"max_age_steps must be an integer >= 1 or null, got {max_age_steps!r}")
         if when not in WHEN:
             problems.append(f"when must be one of {list(WHEN)}, got {when!r}")
         if isinstance(max_rounds_per_step, bool) or not isinstance(max_rounds_per_step, int) or max_rounds_per_step < 0:
@@ -222,7 +228,7 @@ class GroupDiversityAugmenter:
         self.max_fraction, self.max_rounds, self.queue_size = max_fraction, max_rounds, queue_size
         self.seed, self.temperature, self.lambda_ = seed, temperature, lambda_
         self.embed, self.requeue_originals = embed, requeue_originals
-        self.when, self.max_rounds_per_step = when, max_rounds_per_step
+        self.when, self.max_rounds_per_step, self.max_age_steps = when, max_rounds_per_step, max_age_steps
 
         self.rng = random.Random(seed)
         self.queue: deque[Question] = deque()
@@ -265,6 +271,7 @@ class GroupDiversityAugmenter:
             self.counters["hard"] += sum(
                 1 for i in self._hard(group_rewards) if not questions[i].metadata.get("augmented"))
             return []
+        self._expire(step)
         enqueued: list[Question] = []
         for i in self._hard(group_rewards):
             q = questions[i]
@@ -342,6 +349,14 @@ class GroupDiversityAugmenter:
         if self.temperature is not None:
             meta["temperature"] = self.temperature
         return rewrite.replace(id=f"{q.id}#{tag}", uid=f"{q.uid}#{tag}", metadata=meta)
+
+    def _expire(self, step: int) -> None:
+        """Drop queued rewrites made more than `max_age_steps` steps before `step`."""
+        if self.max_age_steps is None:
+            return
+        fresh = deque(q for q in self.queue if step - int(q.metadata.get("augmented_at_step", step)) <= self.max_age_steps)
+        self.counters["dropped"] += len(self.queue) - len(fresh)
+        self.queue = fresh
 
     def _push(self, q: Question) -> None:
         if self.queue_size == 0:

@@ -110,6 +110,7 @@ class GroupDiversityCallback(Callback):
         max_fraction: float = 0.25,
         max_rounds: int = 2,
         queue_size: int = 512,
+        max_age_steps: int | None = 20,
         seed: int = 0,
         temperature: float | None = None,
         lambda_: float = 0.5,
@@ -137,6 +138,7 @@ class GroupDiversityCallback(Callback):
             max_fraction=max_fraction,
             max_rounds=max_rounds,
             queue_size=queue_size,
+            max_age_steps=max_age_steps,
             seed=seed,
             temperature=temperature,
             lambda_=lambda_,
@@ -186,6 +188,9 @@ class GroupDiversityCallback(Callback):
             "augment/queue_size": float(len(self.augmenter)),
             "augment/batch_share": sum(bool(q.metadata.get("augmented")) for q in trained) / max(1, len(trained)),
             "augment/enqueued": float(len(enqueued)),
+            # next_batches: rewrites trained on, and dropped unused (queue full or expired), so far
+            "augment/used": float(self.augmenter.counters["taken"]),
+            "augment/dropped": float(self.augmenter.counters["dropped"]),
         }
         stats = group_signal_stats(questions, rewards, self.augmenter.std_tol, self.augmenter.right_reward_threshold)
         metrics.update({f"train/{k}": v for k, v in stats.items()})

@@ -102,6 +102,21 @@ def test_queue_cap_drops_the_oldest():
     assert aug.metrics()["dropped_total"] == 2
 
 
+def test_queued_rewrites_expire_after_max_age_steps():
+    """A queue that fills faster than batches drain it must not grow without bound (issue 25)."""
+    aug = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, detect=["zero_std_wrong"], max_age_steps=10, seed=0)
+    aug.observe(make_questions(3, "a"), torch.zeros(3, 4), step=0)
+    aug.observe(make_questions(2, "b"), torch.zeros(2, 4), step=6)
+    assert len(aug.queue) == 5 and aug.metrics()["dropped_total"] == 0
+    aug.observe(make_questions(1, "c"), torch.ones(1, 4), step=11)  # nothing hard; the step-0 rewrites are 11 old
+    assert [q.metadata["augmented_from"] for q in aug.queue] == ["b0", "b1"]
+    assert aug.metrics()["dropped_total"] == 3
+    keep = GroupDiversityAugmenter(when="next_batches", num_rewrites=1, detect=["zero_std_wrong"], max_age_steps=None)
+    keep.observe(make_questions(3, "a"), torch.zeros(3, 4), step=0)
+    keep.observe(make_questions(1, "c"), torch.ones(1, 4), step=1000)
+    assert len(keep.queue) == 3
+
+
 def test_requeue_originals_requeues_the_original_unchanged():
     aug = GroupDiversityAugmenter(when="next_batches", detect=["zero_std_wrong"], requeue_originals=True, seed=0)
     [orig] = make_questions(1)

@@ -91,7 +91,7 @@ def _fit_and_test(configs: list[Path], tmp: Path, lora: bool) -> None:
     ckpt = tmp / "checkpoints" / "e2e" / "last.ckpt"
     assert ckpt.is_file(), sorted(str(p) for p in tmp.rglob("*.ckpt"))
     assert (tmp / "checkpoints" / "e2e" / "adapter" / "adapter_config.json").is_file() == lora
-    assert list((tmp / "outputs" / "tensorboard" / "e2e").glob("version_*/events.out.tfevents.*"))
+    assert list((tmp / "outputs" / "tensorboard" / "e2e").glob("fit_*/events.out.tfevents.*"))
     preds = tmp / "preds.jsonl"
     test = run_cli("test", configs, tmp, "--run_name=e2e", f"--ckpt_path={ckpt}", f"--evaluation.predictions_file={preds}")
     rows = predictions(preds)

@@ -199,7 +199,7 @@ def test_cli_fit_with_dynamic_sampling_and_a_completion_budget_then_test(tmp_pat
     # each step samples 2 prompts x G=2, three times (no signal anywhere): 12, then 24 >= 20 stops at step 2
     ckpt = torch.load(tmp_path / "ckpts" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["completions_total"] == 24
-    events = EventAccumulator(str(next((tmp_path / "outputs" / "tensorboard" / "dyn").glob("version_*"))))
+    events = EventAccumulator(str(next((tmp_path / "outputs" / "tensorboard" / "dyn").glob("fit_*"))))
     events.Reload()
     assert [e.value for e in events.Scalars("train/completions")] == [12.0, 24.0]
     assert [e.value for e in events.Scalars("train/dynamic_sample/rounds")] == [2.0, 2.0]

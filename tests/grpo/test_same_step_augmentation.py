@@ -125,7 +125,7 @@ def test_cli_fit_with_same_step_augmentation(tmp_path: Path) -> None:
         "rewards": {"tests.grpo.test_same_step_augmentation:rewrite_reward": 1.0}})
     run_cli("fit", [CONFIGS / "demo.yaml", override], tmp_path, "--run_name=gdqa", "--augmentation.when=same_step",
             "--augmentation.encoder=jaccard", "--curriculum.enabled=false")
-    events = EventAccumulator(str(next((tmp_path / "outputs" / "tensorboard" / "gdqa").glob("version_*"))))
+    events = EventAccumulator(str(next((tmp_path / "outputs" / "tensorboard" / "gdqa").glob("fit_*"))))
     events.Reload()
     # originals all wrong, every rewrite with spread: the whole batch is replaced in both steps
     assert [e.value for e in events.Scalars("augment/invalid_before")] == [1.0, 1.0]

@@ -56,8 +56,9 @@ def length_reward(completions: list[str], questions: list, **kwargs: Any) -> lis
     return [float(len(c) % 5) for c in completions]
 
 
-def run_cli(subcommand: str, configs: list[Path], cwd: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def run_cli(subcommand: str, configs: list[Path], cwd: Path, *extra: str, timeout: int = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     args = [sys.executable, "-m", "anatomy_lightning", subcommand]
     for c in configs:
         args += ["--config", str(c)]
