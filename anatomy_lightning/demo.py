@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--answer-form", choices=("letter", "text"), default="text",
                         help="what the warm start teaches inside <answer> (a random option either way)")
     args, extra = parser.parse_known_args()
-    from anatomy_lightning.cli import setup_logging
+    from anatomy_lightning.logs import setup_logging
 
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
-    from anatomy_lightning.cli import raised_by_project, setup_logging
+    from anatomy_lightning.cli import raised_by_project
+    from anatomy_lightning.logs import setup_logging
     from anatomy_lightning.data.schema import DataError
 
     setup_logging()

@@ -308,10 +308,10 @@ def _show(out: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from anatomy_lightning.cli import quiet_library_noise
+    args = parse_args(argv)  # before any heavy import: --help and usage errors print at once
+    from anatomy_lightning.logs import quiet_library_noise
 
     quiet_library_noise()  # before the encoder pulls in bitsandbytes / transformers
-    args = parse_args(argv)
     try:
         out, questions = inspect_config(args) if args.config else inspect(args)
         splits = out.pop("_split_of", None)

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from anatomy_lightning.grpo.sequences import (
     Rollout,
@@ -90,6 +89,8 @@ class PromptBatch:
             feats = list(out.pooler_output)
             deep = getattr(out, "deepstack_features", None)
             layers = [list(layer) for layer in deep] if deep is not None else None
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         expand = lambda per_image: tuple(self._repeat_per_group(per_image, start, stop, group_size))  # noqa: E731
         image = BaseModelOutputWithPooling(pooler_output=expand(feats))
         if layers is not None:  # Qwen3-VL: every forward holding image tokens needs its deepstack features

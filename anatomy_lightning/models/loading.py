@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
-from anatomy_lightning.models.tiny import TINY_MODEL_NAMES, ensure_tiny_checkpoint
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
@@ -72,20 +71,29 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _builtin_names() -> tuple[str, ...]:
+    """The built-in model names (imported on use: the tiny builder pulls in transformers)."""
+    from anatomy_lightning.models.tiny import TINY_MODEL_NAMES
+
+    return TINY_MODEL_NAMES
+
+
 def resolve_model_path(model_name_or_path: str) -> str:
     """A built-in tiny name -> its (built) cache folder; a local folder -> itself; else a hub id.
 
     Fails early with the path and the fix, instead of a deep transformers traceback.
     """
     name = str(model_name_or_path)
-    if name in TINY_MODEL_NAMES:
+    if name in _builtin_names():
+        from anatomy_lightning.models.tiny import ensure_tiny_checkpoint
+
         return str(ensure_tiny_checkpoint(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"model folder {str(path)!r} has no config.json; point `model` at a Hugging Face checkpoint folder "
-                f"(config.json, *.safetensors, tokenizer and processor files) or use a built-in name {TINY_MODEL_NAMES}"
+                f"(config.json, *.safetensors, tokenizer and processor files) or use a built-in name {_builtin_names()}"
             )
         return str(path)
     if path.exists():
@@ -94,7 +102,7 @@ def resolve_model_path(model_name_or_path: str) -> str:
     if looks_local or not _HUB_ID.match(name):
         raise FileNotFoundError(
             f"model folder {name!r} does not exist (resolved to {str(path.resolve())!r}); pass an existing checkpoint "
-            f"folder, a hub id such as 'Qwen/Qwen2.5-VL-3B-Instruct', or a built-in name {TINY_MODEL_NAMES}"
+            f"folder, a hub id such as 'Qwen/Qwen2.5-VL-3B-Instruct', or a built-in name {_builtin_names()}"
         )
     if _offline():
         from huggingface_hub import try_to_load_from_cache
@@ -113,7 +121,7 @@ def _not_cached_message(name: str, why: str) -> str:
         f"model {name!r}: no local folder of that name, and its files are not in the local Hugging Face cache "
         f"({constants.HF_HUB_CACHE}; set by HF_HOME / HF_HUB_CACHE) while {why}; on a machine with network run "
         f"`hf download {name} --local-dir <folder>`, copy the folder here and pass --model.model=<folder> "
-        f"(or use a built-in name {TINY_MODEL_NAMES})"
+        f"(or use a built-in name {_builtin_names()})"
     )
 
 

@@ -60,7 +60,7 @@ def parse_pacing(parser: argparse.ArgumentParser, items: list[str]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from anatomy_lightning.cli import setup_logging
+    from anatomy_lightning.logs import setup_logging
 
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
