@@ -163,9 +163,8 @@ class GroupDiversityAugmenter:
         max_fraction: at most this share of each training batch is replaced by rewrites.
         max_rounds: how many times one original question may be rewritten over the run.
         queue_size: queue cap; when full, the oldest rewrites are dropped first.
-        max_age_steps: a queued rewrite not trained on within this many steps expires (counted
-            as dropped): the policy it was made for has moved on, and a queue that grows faster
-            than `max_fraction` of each batch can drain only trains on stale rewrites. None: never.
+        max_age_steps: a queued rewrite not trained on within this many steps expires (counted as
+            dropped): a queue growing faster than batches drain it only serves stale rewrites.
         seed: seeds the rewriters' randomness (identical on every rank).
         temperature: sampling temperature for augmented groups, written to
             `q.metadata["temperature"]`; None samples them like any other question.
@@ -354,9 +353,9 @@ class GroupDiversityAugmenter:
         """Drop queued rewrites made more than `max_age_steps` steps before `step`."""
         if self.max_age_steps is None:
             return
-        fresh = deque(q for q in self.queue if step - int(q.metadata.get("augmented_at_step", step)) <= self.max_age_steps)
+        fresh = [q for q in self.queue if step - int(q.metadata.get("augmented_at_step", step)) <= self.max_age_steps]
         self.counters["dropped"] += len(self.queue) - len(fresh)
-        self.queue = fresh
+        self.queue = deque(fresh)
 
     def _push(self, q: Question) -> None:
         if self.queue_size == 0:
