@@ -95,6 +95,9 @@ class GroupDiversityCallback(Callback):
             still without signal. next_batches: rewrites are queued into later batches; the
             questions they displace are served first in the next batches.
         max_rounds_per_step: same_step: rewrite rounds per step (0 = no same-step replacement).
+        queue_size: next_batches: queue cap; when full, the oldest rewrites are dropped first.
+        max_age_steps: next_batches: a queued rewrite not trained on within this many steps
+            expires (null: never); `augment/used` and `augment/dropped` count both fates.
         log_every_n_steps: compute and log metrics every this many training batches.
         dynamic_sampling: renamed: use requeue_originals.
     """

@@ -2,7 +2,7 @@
 
 TensorBoard's Scalars tab sorts sections alphabetically, so `augment/` comes before the reward and
 the curriculum. The Custom Scalars tab (`http://localhost:6006/#custom_scalars`) shows this
-layout instead, in this order: reward and its spread; validation accuracy, overall and per stage;
+layout instead, in this order: reward and its spread; validation and test accuracy, overall and per stage;
 the curriculum's stage, batch S(q) and per-stage training accuracy; the groups without signal,
 all wrong and all right; KL; the augmentation's share and queue. Tags are regular expressions, so
 a chart stays empty (not wrong) in a run without the curriculum or the augmentation.
@@ -23,8 +23,9 @@ METHOD_LAYOUT: dict[str, dict[str, Chart]] = {
         "reward and its spread within groups": ["Multiline", [r"^train/reward$", r"^train/reward_std$"]],
         "reward per function": ["Multiline", [r"^train/rewards/.*/mean$"]],
     },
-    "2 validation accuracy": {
-        "overall and per difficulty stage": ["Multiline", [r"^val/acc$", r"^val/acc_stage_\d+$"]],
+    "2 held-out accuracy": {
+        "validation, overall and per difficulty stage": ["Multiline", [r"^val/acc$", r"^val/acc_stage_\d+$"]],
+        "test runs (one point each), overall and per stage": ["Multiline", [r"^test/acc$", r"^test/acc_stage_\d+$"]],
     },
     "3 curriculum": {
         "stage in play": ["Multiline", [r"^curriculum/stage$"]],
