@@ -11,10 +11,9 @@ from anatomy_lightning.augment.augmenter import (
     hard_order,
 )
 from anatomy_lightning.augment.llm import LocalModelRewriter, validate_generated
-from anatomy_lightning.augment.registry import REWRITERS, Rewriter, build_rewriter, build_rewriters
+from anatomy_lightning.augment.registry import REWRITERS, Chain, Rewriter, build_rewriter, build_rewriters
 from anatomy_lightning.augment.rules import (
     AnswerForm,
-    Chain,
     ContrastCue,
     EliminateOptions,
     InvertRelation,

@@ -1,4 +1,5 @@
-"""The rewriter registry: YAML names -> rewriter classes, and the `Rewriter` protocol they share.
+"""The rewriter registry: YAML names -> rewriter classes, the `Rewriter` protocol they share, and
+`Chain`, which composes registered rewriters by name.
 
 YAML lists rewriters by registry name, with arguments where wanted:
 
@@ -14,16 +15,16 @@ from typing import Any, Protocol, runtime_checkable
 from anatomy_lightning.augment.llm import LocalModelRewriter
 from anatomy_lightning.augment.rules import (
     AnswerForm,
-    Chain,
     ContrastCue,
     EliminateOptions,
     InvertRelation,
     ShuffleOptions,
     TemplateParaphrase,
+    derive,
 )
 from anatomy_lightning.data.schema import Question
 
-__all__ = ["REWRITERS", "Rewriter", "build_rewriter", "build_rewriters"]
+__all__ = ["REWRITERS", "Chain", "Rewriter", "build_rewriter", "build_rewriters"]
 
 
 @runtime_checkable
@@ -33,6 +34,29 @@ class Rewriter(Protocol):
     name: str
 
     def __call__(self, q: Question, rng: random.Random) -> list[Question]: ...
+
+
+class Chain:
+    """Applies rewriters in sequence (each output of one goes through the next): composition."""
+
+    def __init__(self, steps: Sequence[Rewriter | str | Mapping[str, Any]], num_variants: int = 2) -> None:
+        self.steps = build_rewriters(steps)
+        if not self.steps:
+            raise ValueError("chain: `steps` is empty; list at least one rewriter name")
+        self.name = "+".join(s.name for s in self.steps)
+        self.num_variants = num_variants
+
+    def __call__(self, q: Question, rng: random.Random) -> list[Question]:
+        current = [q]
+        for step in self.steps:
+            current = [r for c in current for r in step(c, rng)]
+        chosen = rng.sample(current, min(self.num_variants, len(current)))
+        keep = ("answer_form",)  # per-step annotations worth carrying to the final rewrite
+        return [
+            derive(q, k, self.name, question=c.question, options=c.options, answer_index=c.answer_index,
+                   metadata={key: c.metadata[key] for key in keep if key in c.metadata})
+            for k, c in enumerate(chosen)
+        ]
 
 
 REWRITERS: dict[str, Callable[..., Rewriter]] = {

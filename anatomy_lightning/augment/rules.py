@@ -16,18 +16,14 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anatomy_lightning.augment.stem import ParsedStem, parse_stem, same_stem
 from anatomy_lightning.data.prompts import PIN_KEY
 from anatomy_lightning.data.schema import Question
 
-if TYPE_CHECKING:
-    from anatomy_lightning.augment.registry import Rewriter
-
 __all__ = [
     "AnswerForm",
-    "Chain",
     "ContrastCue",
     "EliminateOptions",
     "InvertRelation",
@@ -273,31 +269,6 @@ class AnswerForm:
         return [
             derive(q, k, self.name, question=self.render(f, q), metadata={"answer_form": f})
             for k, f in enumerate(forms)
-        ]
-
-
-class Chain:
-    """Applies rewriters in sequence (each output of one goes through the next): composition."""
-
-    def __init__(self, steps: Sequence[Rewriter | str | Mapping[str, Any]], num_variants: int = 2) -> None:
-        from anatomy_lightning.augment.registry import build_rewriters  # the registry lists Chain itself
-
-        self.steps = build_rewriters(steps)
-        if not self.steps:
-            raise ValueError("chain: `steps` is empty; list at least one rewriter name")
-        self.name = "+".join(s.name for s in self.steps)
-        self.num_variants = num_variants
-
-    def __call__(self, q: Question, rng: random.Random) -> list[Question]:
-        current = [q]
-        for step in self.steps:
-            current = [r for c in current for r in step(c, rng)]
-        chosen = rng.sample(current, min(self.num_variants, len(current)))
-        keep = ("answer_form",)  # per-step annotations worth carrying to the final rewrite
-        return [
-            derive(q, k, self.name, question=c.question, options=c.options, answer_index=c.answer_index,
-                   metadata={key: c.metadata[key] for key in keep if key in c.metadata})
-            for k, c in enumerate(chosen)
         ]
 
 

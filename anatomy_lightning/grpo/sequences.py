@@ -10,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from anatomy_lightning.grpo.fast_path import PromptBatch
 
 
 @dataclass
@@ -29,7 +26,7 @@ class Rollout:
     truncated: Tensor  # (B,) bool: hit max_new_tokens without an end-of-turn token
     texts: list[str]  # decoded completions, B of them
     group_size: int
-    prompts: PromptBatch | None = None  # shared positions / image features (None: plain path)
+    prompts: Any = None  # fast path: its `PromptBatch` (shared positions, image features); None: generic
     # generic path: the processor inputs of sequence rows [start, stop), prompts already expanded
     row_inputs: Callable[[int, int], dict[str, Tensor]] | None = None
 

@@ -11,7 +11,8 @@ import pytest
 
 from anatomy_lightning.augment.llm import LocalModelRewriter, validate_generated
 from anatomy_lightning.augment.registry import REWRITERS, build_rewriter
-from anatomy_lightning.augment.rules import AnswerForm, Chain, InvertRelation, ShuffleOptions, TemplateParaphrase
+from anatomy_lightning.augment.registry import Chain
+from anatomy_lightning.augment.rules import AnswerForm, InvertRelation, ShuffleOptions, TemplateParaphrase
 from anatomy_lightning.augment.stem import parse_stem
 from anatomy_lightning.data.schema import Question
 
