@@ -17,7 +17,9 @@ Lightning's own knobs, although the module optimises manually (`GRPOModule` appl
                                    unset, it follows an explicit model.dtype
   --optimizer / --lr_scheduler     any torch optimizer / scheduler; they replace model.optimizer,
                                    learning_rate, weight_decay / model.lr_schedule, warmup_steps
-A resumed `fit --ckpt_path ...` writes into the TensorBoard version folder of the checkpoint's run.
+A resumed `fit --ckpt_path ...` writes into the TensorBoard version folder of the checkpoint's run;
+`fit --ckpt_path auto` resumes from this run's last.ckpt if there is one, else starts fresh (requeue
+loops). Strategies the module cannot train under (FSDP, DeepSpeed, ModelParallel) are refused by name.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from anatomy_lightning.logs import quiet_library_noise, setup_logging
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, load_model_config, resolve_model_path
 from anatomy_lightning.grpo.evaluation import EvaluationSettings
+from anatomy_lightning.guards import check_strategy, resolve_auto_ckpt_path
 from anatomy_lightning.module import GRPOModule
 from anatomy_lightning.optimization import PRECISION_DTYPE, weight_dtype
 from anatomy_lightning.settings_check import check_settings
@@ -116,8 +119,11 @@ class AnatomyCLI(LightningCLI):
     """LightningCLI with the project's model and data classes fixed."""
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning fills `model.*` from the checkpoint's hyperparameters; a damaged file gets one line."""
+        """`--ckpt_path auto` becomes "last" or a fresh start (see `guards`); Lightning fills `model.*`
+        from the checkpoint's hyperparameters; a damaged file gets one line."""
         sub = self.config.get("subcommand")
+        if sub:
+            self.config[sub]["ckpt_path"] = resolve_auto_ckpt_path(sub, self.config[sub])
         check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)
         super()._parse_ckpt_path()
 
@@ -164,13 +170,14 @@ class AnatomyCLI(LightningCLI):
 
         `load_policy` checks both again; here they fail in a second instead of after data loading.
         """
-        self._reconcile_settings()
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         model = config.get("model") if config is not None else None
+        if model is not None:  # every numeric range and every setting with fixed choices, in one error
+            check_settings(model, config.get("data"), config.get("augmentation"), config.get("evaluation"),
+                           curriculum=config.get("curriculum"))
+        self._reconcile_settings()  # after: an invalid model.dtype is named there, not as a precision conflict
         if model is None:
             return
-        # every numeric range (and augmentation.when / rewriter arguments), all problems in one error
-        check_settings(model, config.get("data"), config.get("augmentation"), config.get("evaluation"))
         check_quantization_supported(model.get("quantization"))
         path = resolve_model_path(model.get("model"))
         if Path(path).is_dir():  # an unsupported architecture fails here, naming the supported families
@@ -185,6 +192,7 @@ class AnatomyCLI(LightningCLI):
         self._gradient_settings: dict[str, Any] = {}
         if trainer is None:
             return
+        check_strategy(trainer.get("strategy"))  # FSDP, DeepSpeed, ModelParallel: refused by name, now
         for entry in trainer.get("callbacks") or []:
             path = str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
             for cls, key in _SECTIONS.items():

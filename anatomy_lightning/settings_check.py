@@ -1,8 +1,11 @@
-"""Range checks for every numeric setting, run by the CLI before any data is read or model is built.
+"""Range checks for every numeric setting and choice checks for every setting with a fixed set of
+values (loss_type, scale_rewards, lr_schedule, curriculum.mode, ...), run by the CLI before any data
+is read or model is built.
 
 Why up front: a nonsense value otherwise surfaces minutes later as a library traceback
 ("probability tensor contains inf/nan" for temperature 0), as a misleading message ("no training
-questions" for val_fraction 1.5), or not at all (a negative beta trains without complaint). Every
+questions" for val_fraction 1.5), or not at all (a negative beta trains without complaint); a
+misspelt choice (loss_type: dapo2) surfaced only after the model loaded, one at a time. Every
 problem is collected and reported in one error, each naming the setting and the value found, so a
 config is fixed in one round.
 """
@@ -97,6 +100,84 @@ _REWRITER_ARG_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...
 }
 
 
+# (setting, its choices, what else is accepted); the choices come from the module that acts on the
+# setting, imported when a section is checked (those modules import torch, some import this one)
+_Choice = tuple[str, tuple[Any, ...], str]
+
+
+def _model_choices() -> tuple[_Choice, ...]:
+    from anatomy_lightning.grpo.advantages import SCALE_REWARDS
+    from anatomy_lightning.grpo.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_AGGREGATIONS
+    from anatomy_lightning.models.loading import DTYPES, OPTIMIZERS, QUANTIZATIONS
+    from anatomy_lightning.optimization import LR_SCHEDULES
+
+    return (
+        ("loss_type", tuple(LOSS_AGGREGATIONS), ""),
+        ("scale_rewards", (*SCALE_REWARDS, True, False), " (true = group, false = none)"),
+        ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS, ""),
+        ("lr_schedule", LR_SCHEDULES, ""),
+        ("optimizer", OPTIMIZERS, " (or the CLI's --optimizer for any torch optimizer)"),
+        ("quantization", QUANTIZATIONS, ", or null"),
+        ("dtype", DTYPES, ""),
+    )
+
+
+def _data_choices() -> dict[str, tuple[_Choice, ...]]:
+    from anatomy_lightning.data.loader import FORMATS
+    from anatomy_lightning.data.prompts import PROMPTS
+    from anatomy_lightning.data.settings import ON_BAD_RECORD, TEST_SPLITS
+    from anatomy_lightning.data.stages import STAGINGS
+    from anatomy_lightning.data.synthetic import BENCHMARKS
+
+    return {
+        "data.": (("format", FORMATS, ""), ("prompt", PROMPTS, ""), ("on_bad_record", ON_BAD_RECORD, ""),
+                  ("test_split", TEST_SPLITS, ", or null")),
+        "data.similarity.": (("stages", STAGINGS, ""),),
+        "data.synthetic.": (("benchmark", BENCHMARKS, ""),),
+    }
+
+
+def _curriculum_choices() -> tuple[_Choice, ...]:
+    from anatomy_lightning.callbacks.curriculum import MODES, PACINGS
+
+    return (("mode", MODES, ""), ("pacing", PACINGS, ""))
+
+
+def _is_one_of(value: Any, choices: tuple[Any, ...]) -> bool:
+    """`value` is one of `choices`; booleans match booleans only (1 is not `True`, "true" is not either)."""
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
+def _check_choices(prefix: str, section: Mapping[str, Any], rules: tuple[_Choice, ...], problems: list[str]) -> None:
+    for name, choices, also in rules:
+        value = section.get(name)
+        if value is not None and not _is_one_of(value, choices):
+            problems.append(f"{prefix}{name} = {value!r}: must be one of {list(choices)}{also}")
+
+
+def _data_choice_problems(data: Mapping[str, Any], problems: list[str]) -> None:
+    """data.format / prompt / on_bad_record / test_split, data.similarity.aggregation / stages,
+    data.synthetic.benchmark / kinds."""
+    from anatomy_lightning.data.similarity import AGGREGATIONS, check_aggregation
+    from anatomy_lightning.data.synthetic import KINDS
+
+    sections = {"data.": data, "data.similarity.": plain_dict(data.get("similarity")),
+                "data.synthetic.": plain_dict(data.get("synthetic"))}
+    for prefix, rules in _data_choices().items():
+        _check_choices(prefix, sections[prefix], rules, problems)
+    aggregation = sections["data.similarity."].get("aggregation")
+    if aggregation is not None:
+        try:
+            check_aggregation(aggregation)  # also takes the old names "mean" / "max"
+        except ValueError:
+            problems.append(f"data.similarity.aggregation = {aggregation!r}: must be one of {list(AGGREGATIONS)}")
+    kinds = sections["data.synthetic."].get("kinds")
+    if kinds is not None:
+        listed = list(kinds) if isinstance(kinds, (list, tuple)) else [kinds]
+        if not listed or any(k not in KINDS for k in listed):
+            problems.append(f"data.synthetic.kinds = {listed!r}: must be a non-empty subset of {list(KINDS)}")
+
+
 def _augmentation_problems(section: Mapping[str, Any], problems: list[str]) -> None:
     from anatomy_lightning.augment.augmenter import DETECT_RULES, WHEN
     from anatomy_lightning.augment.registry import REWRITERS
@@ -145,12 +226,21 @@ def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], pr
             problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
 
 
-def settings_problems(model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None) -> list[str]:
-    """Every out-of-range setting of the `model`, `data` and `augmentation` sections, as
-    "section.key = value (...)"."""
+def settings_problems(
+    model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None, curriculum: Any = None
+) -> list[str]:
+    """Every out-of-range setting, and every setting that is not one of its choices, of the given
+    sections, as "section.key = value: must be ..."."""
     model, data, augmentation = plain_dict(model), plain_dict(data), plain_dict(augmentation)
     problems: list[str] = []
     _check("evaluation.", plain_dict(evaluation), _EVALUATION_RULES, problems)
+    if model:
+        _check_choices("model.", model, _model_choices(), problems)
+    if data:
+        _data_choice_problems(data, problems)
+    curriculum = plain_dict(curriculum)
+    if curriculum:
+        _check_choices("curriculum.", curriculum, _curriculum_choices(), problems)
     _check("model.", model, _MODEL_RULES, problems)
     lora = model.get("lora")
     if lora is not None:
@@ -170,13 +260,16 @@ def settings_problems(model: Any = None, data: Any = None, augmentation: Any = N
     return problems
 
 
-def check_settings(model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None) -> None:
-    """Raise one `SettingsError` listing every out-of-range setting; nothing when all are in range.
+def check_settings(
+    model: Any = None, data: Any = None, augmentation: Any = None, evaluation: Any = None, curriculum: Any = None
+) -> None:
+    """Raise one `SettingsError` listing every out-of-range setting and every value that is not one of
+    its setting's choices; nothing when all are valid.
 
     A renamed key is refused on its own, naming the new key, rather than counted as out of range."""
     renamed = _renamed_problems(plain_dict(augmentation))
     if renamed:
         raise SettingsError("; ".join(renamed))
-    problems = settings_problems(model, data, augmentation, evaluation)
+    problems = settings_problems(model, data, augmentation, evaluation, curriculum)
     if problems:
         raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))

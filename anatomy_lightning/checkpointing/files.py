@@ -8,7 +8,7 @@ import re
 import zipfile
 from collections.abc import Mapping
 
-import torch
+from anatomy_lightning.checkpointing.safe_load import UnsafeCheckpointError, load_checkpoint_data
 
 __all__ = [
     "STEP_FILE",
@@ -17,6 +17,7 @@ __all__ = [
     "damaged_checkpoint_message",
     "error_in_one_line",
     "newest_readable_step_checkpoint",
+    "refuse_unsafe",
 ]
 
 STEP_FILE = re.compile(r"step=(\d+)(?:-v\d+)?\.ckpt$")
@@ -29,7 +30,8 @@ def error_in_one_line(err: BaseException) -> str:
 
 
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with a local checkpoint file ("is empty", "is a folder", ...), or None if it loads.
+    """What is wrong with a local checkpoint file ("is empty", "is a folder", "holds a <...> object,
+    which is not data", ...), or None if it loads with `weights_only=True`.
 
     Reads the archive's index and the pickled metadata (tensors are memory-mapped, not read), so a
     multi-GB checkpoint is checked in well under a second.
@@ -45,10 +47,10 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     if not zipfile.is_zipfile(path):
         return f"is truncated or not a checkpoint ({size} bytes, no complete archive)"
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = load_checkpoint_data(path, map_location="cpu", mmap=True)
+    except UnsafeCheckpointError as err:  # intact, but loading it could run code
+        return err.problem
     except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError... for damaged archives
-        if "Weights only load failed" in str(err):  # intact, but holds objects beyond tensors and plain data
-            return None
         return f"cannot be read ({error_in_one_line(err)})"
     if not isinstance(loaded, Mapping) or "state_dict" not in loaded:
         return "is not a Lightning checkpoint (no state_dict)"
@@ -88,5 +90,14 @@ def check_checkpoint_file(path: str | os.PathLike[str] | None) -> None:
     problem = checkpoint_problem(path)
     if problem == "does not exist":
         raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    refuse_unsafe(os.fspath(path), problem)
     if problem is not None:
         raise ValueError(damaged_checkpoint_message(os.fspath(path), problem))
+
+
+def refuse_unsafe(path: str, problem: str | None) -> None:
+    """Raise the one-line `UnsafeCheckpointError` when `problem` says `path` is not data: a planted
+    file is refused as such, not offered an alternative as a merely damaged one would be."""
+    if problem is not None and problem.endswith(UnsafeCheckpointError.SUFFIX):
+        with_type = problem.removeprefix("holds a <").split(">", 1)[0]
+        raise UnsafeCheckpointError(path, with_type)

@@ -11,7 +11,11 @@ from anatomy_lightning.data.prompts import PROMPTS
 from anatomy_lightning.data.similarity import check_aggregation
 from anatomy_lightning.data.stages import STAGINGS
 
-__all__ = ["RENAMED_KEYS", "SimilaritySettings", "SyntheticSettings", "check_data_arguments"]
+__all__ = ["ON_BAD_RECORD", "RENAMED_KEYS", "TEST_SPLITS", "SimilaritySettings", "SyntheticSettings",
+           "check_data_arguments"]
+
+ON_BAD_RECORD = ("error", "skip")  # data.on_bad_record
+TEST_SPLITS = ("heldout",)  # data.test_split, besides null
 
 RENAMED_KEYS = {  # the flat keys before data.similarity
     "similarity_encoder": "data.similarity.encoder",
@@ -92,9 +96,9 @@ def check_data_arguments(
         raise ValueError("data: set `train_file` (and optionally val_file/test_file) or `synthetic`")
     if prompt not in PROMPTS:
         raise ValueError(f"data.prompt must be one of {list(PROMPTS)}, got {prompt!r}")
-    if on_bad_record not in ("error", "skip"):
+    if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-    if test_split not in (None, "heldout"):
+    if test_split is not None and test_split not in TEST_SPLITS:
         raise ValueError(f"data.test_split must be null (test needs data.test_file) or 'heldout', got {test_split!r}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"data.test_fraction must be between 0 and 1, got {test_fraction}")
