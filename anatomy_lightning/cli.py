@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from anatomy_lightning.callbacks.augmentation import GroupDiversityCallback
-from anatomy_lightning.checkpointing import check_checkpoint_file
+from anatomy_lightning.checkpointing import check_checkpoint_file, checkpoint_problem
 from anatomy_lightning.callbacks.curriculum import CurriculumCallback
 from anatomy_lightning.callbacks.dashboard import DashboardLayout
 from anatomy_lightning.callbacks.progress import ProgressLog, StepProgressBar
@@ -127,6 +127,15 @@ class AnatomyCLI(LightningCLI):
         check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)
         super()._parse_ckpt_path()
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """`fit --help` names `--ckpt_path auto` (Lightning's text lists only its own keywords)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions if subcommand == "fit" else ():
+            if action.dest == "ckpt_path":
+                action.help = ("a checkpoint file to resume from; last: this run's last.ckpt (an error if there is "
+                               "none); auto: last.ckpt if there is one, else a fresh start (requeue loops)")
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         # a name the YAML interpolates into checkpoint and TensorBoard folders: ${run_name}
         parser.add_argument("--run_name", type=str, default="run", help="Names this run's output folders.")
@@ -175,7 +184,7 @@ class AnatomyCLI(LightningCLI):
         if model is not None:  # every numeric range and every setting with fixed choices, in one error
             check_settings(model, config.get("data"), config.get("augmentation"), config.get("evaluation"),
                            curriculum=config.get("curriculum"))
-        self._reconcile_settings()  # after: an invalid model.dtype is named there, not as a precision conflict
+        self._reconcile_settings()  # second: an invalid model.dtype is named above, not as a precision conflict
         if model is None:
             return
         check_quantization_supported(model.get("quantization"))
@@ -250,11 +259,11 @@ class AnatomyCLI(LightningCLI):
                 if hasattr(c, "get") and str(c.get("class_path", "")).endswith("Checkpoint")
             ]
             path = next((Path(d) / "last.ckpt" for d in dirs if d and (Path(d) / "last.ckpt").is_file()), path)
-        if not path.is_file():
-            return
-        import torch
+        if not path.is_file() or checkpoint_problem(path) is not None:
+            return  # a damaged last.ckpt is refused in one line when fit resolves `last`
+        from anatomy_lightning.checkpointing import load_checkpoint_data  # weights_only: a checkpoint is data
 
-        version = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("tensorboard_version")
+        version = load_checkpoint_data(path, map_location="cpu", mmap=True).get("tensorboard_version")
         if version is not None:
             init["version"] = version
             log.info("resuming: TensorBoard continues %s/%s", init.get("name"), version)

@@ -63,10 +63,10 @@ def check_strategy(strategy: Any) -> None:
     refused = next((n for n in names if n in UNSUPPORTED_STRATEGIES), None)
     if refused is None:
         return
+    named = given if given.rsplit(".", 1)[-1] == refused else f"{given} ({refused})"
     raise ValueError(
-        f"trainer.strategy={given} ({refused}) is not supported: GRPOModule does not shard its model "
-        "(FSDP2 support is planned) and would not keep the ranks' weights in step; "
-        "use --trainer.strategy=ddp (a full copy per GPU, gradients averaged)"
+        f"trainer.strategy={named} is not supported: GRPOModule does not shard its model (FSDP2 support "
+        "is planned); use --trainer.strategy=ddp (a full copy per GPU, gradients averaged)"
     )
 
 

@@ -54,6 +54,7 @@ from anatomy_lightning.grpo.rewards import RewardComputer
 from anatomy_lightning.grpo.rollout import Rollouts
 from anatomy_lightning.grpo.sequences import Rollout, mask_vision_tokens, vision_token_guard
 from anatomy_lightning.grpo.update import backward_chunks, prepare_update
+from anatomy_lightning.guards import check_strategy
 from anatomy_lightning.models.families import ModelFamily, family_of
 from anatomy_lightning.models.loading import (
     LoraSettings,
@@ -64,7 +65,6 @@ from anatomy_lightning.models.loading import (
     save_adapter,
 )
 from anatomy_lightning.optimization import (
-    LR_SCHEDULES,
     clip_gradients,
     configure_optimization,
     gradient_settings,
@@ -160,8 +160,6 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         # the CLI checked these already; from Python they are checked here, by the same rules
         check_settings(model={k: v for k, v in locals().items() if k not in ("self", "__class__", "lora", "rewards")})
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"model.lr_schedule={lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         lora = LoraSettings.coerce(lora)  # however it arrived (YAML, JSON string, flags, hparams)
         rewards = dict(DEFAULT_REWARDS if rewards is None else rewards)  # the real default in hparams
         self.save_hyperparameters()
@@ -206,6 +204,8 @@ class GRPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        if self._trainer is not None:  # the CLI refuses these before building anything; Python callers here
+            check_strategy(self._trainer.strategy)
         hp = self.hparams
         self.policy, self.processor = load_policy(
             hp.model, dtype=self._weight_dtype(), quantization=hp.quantization, lora=hp.lora,

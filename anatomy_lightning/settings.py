@@ -9,7 +9,8 @@ constructor that takes one calls `coerce_settings`, so no call site sees a dict 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -46,3 +47,25 @@ def plain_dict(section: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(section):
         return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
     return dict(vars(section))
+
+
+class SettingsError(ValueError):
+    """One or more settings are out of range; the message lists all of them."""
+
+
+# (setting, test, what the test demands); a setting that is absent or None is not checked
+Rule = tuple[str, Callable[[float], bool], str]
+
+
+def range_problems(prefix: str, section: Mapping[str, Any], rules: tuple[Rule, ...]) -> list[str]:
+    """"<prefix><key> = value: must be ..." for every value of `section` that breaks its rule."""
+    problems = []
+    for name, ok, demand in rules:
+        value = section.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{prefix}{name} = {value!r}: must be a number, {demand}")
+        elif not math.isfinite(value) or not ok(value):
+            problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
+    return problems

@@ -16,17 +16,10 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from anatomy_lightning.settings import plain_dict
+from anatomy_lightning.settings import Rule as _Rule
+from anatomy_lightning.settings import SettingsError, plain_dict, range_problems
 
 __all__ = ["SettingsError", "check_settings", "settings_problems"]
-
-
-class SettingsError(ValueError):
-    """One or more settings are out of range; the message lists all of them."""
-
-
-# (setting, test, what the test demands); a setting that is absent or None is not checked
-_Rule = tuple[str, Callable[[float], bool], str]
 
 _MODEL_RULES: tuple[_Rule, ...] = (
     ("num_generations", lambda v: v >= 2, "an integer >= 2 (GRPO compares completions within a group)"),
@@ -47,10 +40,6 @@ _MODEL_RULES: tuple[_Rule, ...] = (
     ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
     ("min_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
     ("max_pixels", lambda v: v >= 1, "an integer >= 1, or null"),
-)
-_EVALUATION_RULES: tuple[_Rule, ...] = (
-    ("max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for model.max_new_tokens"),
-    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
 )
 _LORA_RULES: tuple[_Rule, ...] = (
     ("r", lambda v: v >= 1, "an integer >= 1"),
@@ -216,14 +205,7 @@ def _renamed_problems(augmentation: Mapping[str, Any]) -> list[str]:
 
 
 def _check(prefix: str, section: Mapping[str, Any], rules: tuple[_Rule, ...], problems: list[str]) -> None:
-    for name, ok, demand in rules:
-        value = section.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{prefix}{name} = {value!r}: must be a number, {demand}")
-        elif not math.isfinite(value) or not ok(value):
-            problems.append(f"{prefix}{name} = {value!r}: must be {demand}")
+    problems.extend(range_problems(prefix, section, rules))
 
 
 def settings_problems(
@@ -233,7 +215,9 @@ def settings_problems(
     sections, as "section.key = value: must be ..."."""
     model, data, augmentation = plain_dict(model), plain_dict(data), plain_dict(augmentation)
     problems: list[str] = []
-    _check("evaluation.", plain_dict(evaluation), _EVALUATION_RULES, problems)
+    from anatomy_lightning.grpo.evaluation import EVALUATION_RULES
+
+    _check("evaluation.", plain_dict(evaluation), EVALUATION_RULES, problems)
     if model:
         _check_choices("model.", model, _model_choices(), problems)
     if data:

@@ -4,7 +4,8 @@ Wired into the shipped configs as two pieces: `AtomicCheckpointIO` (a `trainer.p
 `io`) writes checkpoints that a kill or a full disk cannot tear, and `ResumableCheckpoint` (in
 place of `ModelCheckpoint`, `callback`) saves and checks what a resumed run needs to continue
 like an uninterrupted one. The checks it relies on stand alone: damaged files (`files`), the
-run fingerprint (`fingerprint`), random streams (`rng`) and stop signals (`preemption`).
+run fingerprint (`fingerprint`), random streams (`rng`) and stop signals (`preemption`). Every
+checkpoint is read as data, never as a program (`safe_load`).
 """
 
 from anatomy_lightning.checkpointing.callback import ResumableCheckpoint
@@ -23,19 +24,23 @@ from anatomy_lightning.checkpointing.fingerprint import (
 from anatomy_lightning.checkpointing.io import AtomicCheckpointIO, CheckpointSaveError
 from anatomy_lightning.checkpointing.preemption import Preempted
 from anatomy_lightning.checkpointing.rng import get_rng_state, set_rng_state
+from anatomy_lightning.checkpointing.safe_load import CHECKPOINT_GLOBALS, UnsafeCheckpointError, load_checkpoint_data
 
 __all__ = [
+    "CHECKPOINT_GLOBALS",
     "FINGERPRINT_ENV",
     "STEP_FILE",
     "AtomicCheckpointIO",
     "CheckpointSaveError",
     "Preempted",
     "ResumableCheckpoint",
+    "UnsafeCheckpointError",
     "check_checkpoint_file",
     "check_weights_fit",
     "checkpoint_problem",
     "fingerprint_differences",
     "get_rng_state",
+    "load_checkpoint_data",
     "newest_readable_step_checkpoint",
     "run_fingerprint",
     "set_rng_state",

@@ -20,7 +20,8 @@ like an uninterrupted one:
   group size, model and LoRA shape): resuming a different run stops with the differences listed,
   unless `allow_fingerprint_change` (or $ANATOMY_LIGHTNING_ALLOW_FINGERPRINT_CHANGE=1) is set;
 - `--ckpt_path last` that finds nothing, or finds a damaged `last.ckpt`, is an error in one line
-  naming the newest readable `step=N.ckpt`, not a fresh start or a traceback;
+  naming the newest readable `step=N.ckpt`, not a fresh start or a traceback; one that holds
+  objects beyond data is refused in one line naming the type (see `safe_load`);
 - `last.ckpt` is always the newest: never a `last-v1.ckpt` beside a stale one.
 """
 
@@ -39,7 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from anatomy_lightning.checkpointing.files import checkpoint_problem, damaged_checkpoint_message, error_in_one_line
+from anatomy_lightning.checkpointing.files import check_checkpoint_file, error_in_one_line
 from anatomy_lightning.checkpointing.fingerprint import FINGERPRINT_ENV, fingerprint_differences, run_fingerprint
 from anatomy_lightning.checkpointing.io import CheckpointSaveError
 from anatomy_lightning.checkpointing.preemption import Preempted, install_stop_handlers, restore_handlers
@@ -102,9 +103,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
         chosen = last or found  # last.ckpt is the newest by construction; last-vN only from older versions
         for path in chosen:
-            problem = checkpoint_problem(path)
-            if problem is not None:
-                raise ValueError(damaged_checkpoint_message(path, problem))
+            check_checkpoint_file(path)  # damaged: names a readable step=N.ckpt; not data: refused
         return chosen
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:

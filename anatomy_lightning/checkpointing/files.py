@@ -1,5 +1,6 @@
-"""Damaged-checkpoint checks: what is wrong with a checkpoint file, and which `step=N.ckpt` to
-resume from instead, so a bad `--ckpt_path` is a one-line error rather than a traceback."""
+"""Damaged-checkpoint checks: what is wrong with a checkpoint file (including holding objects that
+are not data), and which `step=N.ckpt` to resume from instead, so a bad `--ckpt_path` is a
+one-line error rather than a traceback."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ __all__ = [
     "damaged_checkpoint_message",
     "error_in_one_line",
     "newest_readable_step_checkpoint",
-    "refuse_unsafe",
 ]
 
 STEP_FILE = re.compile(r"step=(\d+)(?:-v\d+)?\.ckpt$")
@@ -36,6 +36,12 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     Reads the archive's index and the pickled metadata (tensors are memory-mapped, not read), so a
     multi-GB checkpoint is checked in well under a second.
     """
+    problem = _problem(path)
+    return problem.problem if isinstance(problem, UnsafeCheckpointError) else problem
+
+
+def _problem(path: str | os.PathLike[str]) -> str | UnsafeCheckpointError | None:
+    """`checkpoint_problem`, keeping a refusal as the error itself, for `check_checkpoint_file` to raise."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return "is a folder, not a checkpoint file (move it elsewhere: it also blocks the next save)"
@@ -49,7 +55,7 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     try:
         loaded = load_checkpoint_data(path, map_location="cpu", mmap=True)
     except UnsafeCheckpointError as err:  # intact, but loading it could run code
-        return err.problem
+        return err
     except Exception as err:  # torch raises RuntimeError, pickle errors, EOFError... for damaged archives
         return f"cannot be read ({error_in_one_line(err)})"
     if not isinstance(loaded, Mapping) or "state_dict" not in loaded:
@@ -83,21 +89,15 @@ def damaged_checkpoint_message(path: str, problem: str) -> str:
 
 
 def check_checkpoint_file(path: str | os.PathLike[str] | None) -> None:
-    """Raise a one-line ValueError when `path` names a damaged checkpoint; the special values
-    ("last", "best", "hpc", registry names) and None pass (they are resolved later)."""
+    """Raise a one-line ValueError when `path` names a damaged checkpoint, or one that is not data
+    (`UnsafeCheckpointError`); the special values ("last", "best", "hpc", registry names) and None
+    pass (they are resolved later)."""
     if path is None or str(path) in ("last", "best", "hpc") or "://" in str(path):
         return
-    problem = checkpoint_problem(path)
+    problem = _problem(path)
     if problem == "does not exist":
         raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
-    refuse_unsafe(os.fspath(path), problem)
+    if isinstance(problem, UnsafeCheckpointError):
+        raise problem  # a planted file is refused as such, not offered an alternative like a damaged one
     if problem is not None:
         raise ValueError(damaged_checkpoint_message(os.fspath(path), problem))
-
-
-def refuse_unsafe(path: str, problem: str | None) -> None:
-    """Raise the one-line `UnsafeCheckpointError` when `problem` says `path` is not data: a planted
-    file is refused as such, not offered an alternative as a merely damaged one would be."""
-    if problem is not None and problem.endswith(UnsafeCheckpointError.SUFFIX):
-        with_type = problem.removeprefix("holds a <").split(">", 1)[0]
-        raise UnsafeCheckpointError(path, with_type)

@@ -5,7 +5,7 @@ target's own folder, fsyncs it, then renames it over the target with `os.replace
 power loss) during a save leaves the previous `last.ckpt` intact, never a torn file. Lightning's
 own writer is only atomic when `$TMPDIR` is on the same filesystem as the checkpoints: it writes to
 `tempfile.mkstemp()` and `shutil.move`s the file, which across filesystems is a copy straight into
-`last.ckpt`; it never fsyncs.
+`last.ckpt`; it never fsyncs. It also reads every checkpoint with `weights_only=True` (see `safe_load`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from anatomy_lightning.checkpointing.files import check_checkpoint_file, damaged_checkpoint_message, error_in_one_line
+from anatomy_lightning.checkpointing.safe_load import UnsafeCheckpointError, refusing_unsafe
 
 __all__ = ["AtomicCheckpointIO", "CheckpointSaveError", "fsync_dir", "is_out_of_space", "mount_point"]
 
@@ -73,15 +74,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fsync_dir(folder)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's loader; a damaged local file is reported in one line naming a readable alternative."""
+        """Lightning's loader, always with `weights_only=True` (a checkpoint is data, never a program,
+        whatever the caller asks): a file holding anything else is refused in one line naming the
+        type, a damaged local file in one line naming a readable alternative."""
         target = os.fspath(path)
         local = "://" not in target or target.startswith("file://")
         if local:
             check_checkpoint_file(target.removeprefix("file://"))
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            with refusing_unsafe(target):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except (OSError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-            if not local or isinstance(err, FileNotFoundError):
+            if not local or isinstance(err, (FileNotFoundError, UnsafeCheckpointError)):
                 raise
             problem = f"cannot be read ({error_in_one_line(err)})"
             raise ValueError(damaged_checkpoint_message(target.removeprefix("file://"), problem)) from err

@@ -19,13 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "CHECKPOINT_GLOBALS",
-    "UnsafeCheckpointError",
-    "checkpoint_globals",
-    "load_checkpoint_data",
-    "refusing_unsafe",
-]
+__all__ = ["CHECKPOINT_GLOBALS", "UnsafeCheckpointError", "load_checkpoint_data", "refusing_unsafe"]
 
 # Types beyond torch's own weights-only set that our checkpoints hold: none. Surveyed: what `fit`
 # writes with full fine-tuning and LoRA, `--optimizer`/`--lr_scheduler`, EarlyStopping and a
@@ -34,8 +28,10 @@ __all__ = [
 # because our state_dicts are plain data by design (`rng`, the augmenter, the sampler, the
 # curriculum; `lora` is stored as a dict) and Lightning stores hyperparameters as a plain dict.
 # Add a type only if rebuilding it cannot run code (a dataclass of plain fields, say), and prefer
-# saving plain data instead.
+# saving plain data instead. Registered process-wide, so Lightning's own weights-only reads (the
+# CLI's hyperparameters of `--ckpt_path`) accept the same types as ours.
 CHECKPOINT_GLOBALS: tuple[Any, ...] = ()
+torch.serialization.add_safe_globals(list(CHECKPOINT_GLOBALS))
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -55,39 +51,32 @@ class UnsafeCheckpointError(ValueError):
         )
 
 
-def checkpoint_globals() -> contextlib.AbstractContextManager[None]:
-    """`CHECKPOINT_GLOBALS` allowed for weights-only loads inside the `with` block."""
-    return torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS))
-
-
-def _first_unsafe_global(source: Any, err: BaseException) -> str:
+def _first_unsafe_global(source: Any, err: BaseException) -> str | None:
     """The type a weights-only load refused: read from the archive's pickle opcodes (nothing is
-    executed) for a local file, else from torch's message."""
+    executed) for a local file, else from torch's message; None if neither names one (a damaged file)."""
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
-        with contextlib.suppress(Exception), checkpoint_globals():
+        with contextlib.suppress(Exception):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
             if names:
                 return names[0]
     found = _GLOBAL.search(str(err))
-    return found[1] if found else "non-data"
+    return found[1] if found else None
 
 
 @contextlib.contextmanager
 def refusing_unsafe(path: Any) -> Iterator[None]:
     """Turn torch's weights-only refusal inside the block into an `UnsafeCheckpointError` for `path`."""
     try:
-        with checkpoint_globals():
-            yield
+        yield
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
+        name = _first_unsafe_global(path, err) if "Weights only load failed" in str(err) else None
+        if name is None:
             raise
-        refused = UnsafeCheckpointError(os.fspath(path) if isinstance(path, os.PathLike) else str(path),
-                                        _first_unsafe_global(path, err))
-        raise refused from None
+        raise UnsafeCheckpointError(os.fspath(path) if isinstance(path, os.PathLike) else str(path), name) from None
 
 
 def load_checkpoint_data(path: str | os.PathLike[str], map_location: Any = None, mmap: bool = False) -> Any:
-    """`torch.load(path, weights_only=True)` with `CHECKPOINT_GLOBALS` allowed; a file that needs
+    """`torch.load(path, weights_only=True)` (`CHECKPOINT_GLOBALS` allowed); a file that needs
     more raises `UnsafeCheckpointError` (one line naming the type) and runs nothing."""
     with refusing_unsafe(path):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -14,7 +14,13 @@ from typing import Any
 
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.grpo.rewards import extract_choice
-from anatomy_lightning.settings_check import check_settings
+from anatomy_lightning.settings import Rule, SettingsError, plain_dict, range_problems
+
+
+EVALUATION_RULES: tuple[Rule, ...] = (  # also in the CLI's up-front check (settings_check)
+    ("max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for model.max_new_tokens"),
+    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
+)
 
 
 @dataclass
@@ -33,7 +39,9 @@ class EvaluationSettings:
     sample_every_n_steps: int = 50
 
     def __post_init__(self) -> None:
-        check_settings(evaluation=self)  # the CLI's rules, for settings made in Python too
+        problems = range_problems("evaluation.", plain_dict(self), EVALUATION_RULES)  # Python callers too
+        if problems:
+            raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))
 
 
 def evaluation_rows(questions: list[Question], texts: list[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,218 @@
+"""What the CLI settles before it builds anything (issue 24): `--ckpt_path auto` for requeue loops,
+strategies the module cannot train under refused by name, and every setting with a fixed set of
+choices checked up front, all invalid ones named in one error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from anatomy_lightning.cli import main
+from anatomy_lightning.guards import check_strategy, resolve_auto_ckpt_path
+from anatomy_lightning.settings_check import SettingsError, settings_problems
+from tests.support.cli_runs import CONFIGS, cpu_override, run_cli
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
+NOT_SHARDED = ("is not supported: GRPOModule does not shard its model (FSDP2 support is planned); "
+               "use --trainer.strategy=ddp")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class _NamedLikeFSDP:  # stands in for Lightning's class: a real Strategy subclass would show in `fit --help`
+    pass
+
+
+_NamedLikeFSDP.__name__ = "FSDPStrategy"
+
+
+class ShardedSubclass(_NamedLikeFSDP):
+    """A user's own FSDP variant: refused like FSDP itself (by the class names of its bases)."""
+
+
+def _error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """The one `error:` line a CLI call ends in (exit 2)."""
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in tmp_path; resolving the model path (the first step towards loading it) fails the test."""
+    import anatomy_lightning.cli as cli_py
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model path was resolved before the refusal")
+
+    monkeypatch.setattr(cli_py, "resolve_model_path", refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# -- --ckpt_path auto ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path) -> None:
+    """One command for the first start and every restart: fresh without last.ckpt, resumed with it
+    (global step continues, TensorBoard keeps the run's folder)."""
+    override = cpu_override(tmp_path, model=None, steps=1)
+    configs = [CONFIGS / "demo.yaml", override]
+    first = run_cli("fit", configs, tmp_path, "--run_name=r", "--ckpt_path=auto")
+    assert "--ckpt_path auto: no last.ckpt in checkpoints/r yet; starting a fresh run" in first.stderr
+    last = tmp_path / "checkpoints" / "r" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
+    second = run_cli("fit", configs, tmp_path, "--run_name=r", "--ckpt_path=auto", "--trainer.max_steps=2")
+    assert f"--ckpt_path auto: resuming from {Path('checkpoints/r/last.ckpt')}" in second.stderr
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    assert sorted(p.name for p in (tmp_path / "outputs" / "tensorboard" / "r").iterdir()) == ["fit_0"]
+
+
+def test_ckpt_path_auto_with_a_damaged_last_ckpt_is_refused_as_last_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused when fit resolves `last`, before the data is prepared or the policy is loaded."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "checkpoints" / "demo"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"not a checkpoint")
+    flags = ["fit", "--config", str(DEMO), "--trainer.max_steps=1"]
+    auto = _error(capsys, *flags, "--ckpt_path=auto")
+    assert auto == _error(capsys, *flags, "--ckpt_path=last")
+    assert "last.ckpt is truncated or not a checkpoint" in auto
+
+
+def test_ckpt_path_auto_needs_a_checkpoint_folder_and_is_for_fit_only(
+    no_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (no_model / "no_ckpt.yaml").write_text("trainer:\n  callbacks: []\n")
+    err = _error(capsys, "fit", "--config", str(DEMO), "--config", "no_ckpt.yaml", "--ckpt_path=auto")
+    assert "--ckpt_path auto needs a checkpoint callback with a dirpath" in err
+    err = _error(capsys, "test", "--config", str(DEMO), "--ckpt_path=auto")
+    assert "--ckpt_path auto is for fit" in err
+
+
+def test_resolve_auto_ckpt_path_takes_what_last_takes(tmp_path: Path) -> None:
+    callbacks = [{"class_path": "anatomy_lightning.checkpointing.ResumableCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpts")}}]
+    config = {"ckpt_path": "auto", "trainer": {"callbacks": callbacks}}
+    assert resolve_auto_ckpt_path("fit", config) is None  # the folder does not exist yet
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "step=2.ckpt").write_bytes(b"")
+    (tmp_path / "ckpts" / ".last.ckpt.123-abc.tmp").write_bytes(b"")  # a save killed before its rename
+    assert resolve_auto_ckpt_path("fit", config) is None
+    (tmp_path / "ckpts" / "last-v1.ckpt").write_bytes(b"")  # an older Lightning's name: `last` takes it too
+    assert resolve_auto_ckpt_path("fit", config) == "last"
+    for given in (None, "last", "some/file.ckpt"):
+        assert resolve_auto_ckpt_path("test", {**config, "ckpt_path": given}) == given
+
+
+# -- strategies ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        ("lightning.pytorch.strategies.ModelParallelStrategy", "lightning.pytorch.strategies.ModelParallelStrategy"),
+        ("ModelParallelStrategy", "ModelParallelStrategy"),
+        ("fsdp", "fsdp (FSDPStrategy)"),
+        ("deepspeed_stage_2", "deepspeed_stage_2 (DeepSpeedStrategy)"),
+        ("yaml", "lightning.pytorch.strategies.ModelParallelStrategy"),
+    ],
+)
+def test_unsupported_strategies_are_refused_by_name_before_anything_is_built(
+    flag: str, named: str, no_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if flag == "yaml":
+        (no_model / "mp.yaml").write_text(
+            "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
+        )
+        given = ["--config", "mp.yaml"]
+    else:
+        given = [f"--trainer.strategy={flag}"]
+    err = _error(capsys, "fit", "--config", str(DEMO), *given)
+    assert err == f"error: trainer.strategy={named} {NOT_SHARDED} (a full copy per GPU, gradients averaged)"
+    assert not (no_model / "outputs").exists()  # no data written, no run folder
+
+
+def test_strategy_check_knows_aliases_subclasses_and_instances() -> None:
+    for fine in (None, "auto", "ddp", "ddp_spawn", "lightning.pytorch.strategies.DDPStrategy", "no.such.Strategy"):
+        check_strategy(fine)
+    with pytest.raises(ValueError, match=r"test_cli_guards.ShardedSubclass \(FSDPStrategy\) is not supported"):
+        check_strategy("tests.reliability.test_cli_guards.ShardedSubclass")
+    with pytest.raises(ValueError, match=r"trainer.strategy=FSDPStrategy is not supported"):
+        check_strategy(FSDPStrategy())
+
+
+def test_the_module_refuses_an_unsupported_strategy_from_python_before_loading_the_policy() -> None:
+    from types import SimpleNamespace
+
+    from anatomy_lightning.module import GRPOModule
+
+    module = GRPOModule(num_generations=2)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=NOT_SHARDED.replace("(", r"\(").replace(")", r"\)")):
+        module.configure_model()
+    assert module.policy is None
+
+
+# -- settings with a fixed set of choices ------------------------------------------------------------
+
+
+def test_every_invalid_choice_is_named_in_one_error_before_the_model_loads(
+    no_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {
+        "model.loss_type": "dapo2", "model.scale_rewards": "std", "model.importance_sampling_level": "seq",
+        "model.lr_schedule": "step", "model.optimizer": "sgd", "model.quantization": "3bit",
+        "model.dtype": "float8", "data.similarity.aggregation": "median", "data.similarity.stages": "local",
+        "data.synthetic.benchmark": "v9", "data.prompt": "raw", "data.on_bad_record": "ignore",
+        "curriculum.mode": "mixed", "curriculum.pacing": "validation", "augmentation.when": "later",
+    }
+    err = _error(capsys, "fit", "--config", str(DEMO), *(f"--{k}={v}" for k, v in bad.items()))
+    assert err.startswith(f"error: {len(bad)} setting(s)")
+    for key, value in bad.items():
+        assert f"{key} = {value!r}: must be one of [" in err, key
+    assert "model.loss_type = 'dapo2': must be one of ['grpo', 'bnpo', 'dapo', 'dr_grpo', 'gpg']" in err
+    assert not (no_model / "outputs").exists()
+
+
+def test_every_valid_choice_and_the_accepted_spellings_pass() -> None:
+    from anatomy_lightning.callbacks.curriculum import MODES, PACINGS
+    from anatomy_lightning.grpo.advantages import SCALE_REWARDS
+    from anatomy_lightning.grpo.loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_AGGREGATIONS
+    from anatomy_lightning.models.loading import DTYPES, OPTIMIZERS, QUANTIZATIONS
+    from anatomy_lightning.optimization import LR_SCHEDULES
+
+    model_choices = {"loss_type": LOSS_AGGREGATIONS, "scale_rewards": (*SCALE_REWARDS, True, False),
+                     "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS, "lr_schedule": LR_SCHEDULES,
+                     "optimizer": OPTIMIZERS, "quantization": (*QUANTIZATIONS, None), "dtype": DTYPES}
+    for key, choices in model_choices.items():
+        for value in choices:
+            assert settings_problems(model={key: value}) == [], (key, value)
+    for mode in MODES:
+        for pacing in PACINGS:
+            assert settings_problems(curriculum={"mode": mode, "pacing": pacing}) == []
+    data = {"similarity": {"aggregation": "mean", "stages": "global"}, "test_split": None,
+            "synthetic": {"kinds": ["position", "tool"], "benchmark": "v3"}}
+    assert settings_problems(data=data) == []
+    assert settings_problems(model={"scale_rewards": 1}) == [
+        "model.scale_rewards = 1: must be one of ['group', 'batch', 'none', True, False] (true = group, false = none)"
+    ]
+
+
+def test_the_module_names_every_invalid_choice_from_python_too() -> None:
+    from anatomy_lightning.module import GRPOModule
+
+    with pytest.raises(SettingsError) as info:
+        GRPOModule(loss_type="dapo2", importance_sampling_level="seq", scale_rewards="std")
+    for key in ("model.loss_type", "model.importance_sampling_level", "model.scale_rewards"):
+        assert key in str(info.value)
