@@ -25,6 +25,7 @@ loops). Strategies the module cannot train under (FSDP, DeepSpeed, ModelParallel
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ from anatomy_lightning.models.loading import check_quantization_supported, load_
 from anatomy_lightning.grpo.evaluation import EvaluationSettings
 from anatomy_lightning.guards import check_strategy, resolve_auto_ckpt_path
 from anatomy_lightning.module import GRPOModule
-from anatomy_lightning.optimization import PRECISION_DTYPE, weight_dtype
+from anatomy_lightning.optimization import PRECISION_DTYPE, RESUMED_SETTINGS, weight_dtype
 from anatomy_lightning.settings_check import check_settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 _DTYPE_PRECISION = {dtype: precision for precision, dtype in PRECISION_DTYPE.items()}
 # callbacks with their own top-level section: a trainer.callbacks entry would run them twice
 _SECTIONS = {CurriculumCallback: "curriculum", GroupDiversityCallback: "augmentation"}
+# the module's defaults for the optimisation settings a resume may change (see `_parse_ckpt_path`)
+_DEFAULTS = {k: p.default for k, p in inspect.signature(GRPOModule).parameters.items() if k in RESUMED_SETTINGS}
 _UNKNOWN = re.compile(r"(Group|Key|Subcommand) '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'")
 
 
@@ -125,7 +128,13 @@ class AnatomyCLI(LightningCLI):
         if sub:
             self.config[sub]["ckpt_path"] = resolve_auto_ckpt_path(sub, self.config[sub])
         check_checkpoint_file(self.config[sub].get("ckpt_path") if sub else None)
+        model = self.config[sub].get("model") if sub == "fit" else None
+        # Lightning lets the checkpoint's hyperparameters win over flags; optimisation settings the config
+        # or a flag sets (not the default) win back, and the module applies them to the resumed optimiser
+        given = {k: model[k] for k in RESUMED_SETTINGS if model is not None and model.get(k) != _DEFAULTS[k]}
         super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[sub]["model"][key] = value
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """`fit --help` names `--ckpt_path auto` (Lightning's text lists only its own keywords)."""

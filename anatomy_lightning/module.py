@@ -65,6 +65,7 @@ from anatomy_lightning.models.loading import (
     save_adapter,
 )
 from anatomy_lightning.optimization import (
+    apply_resumed_settings,
     clip_gradients,
     configure_optimization,
     gradient_settings,
@@ -189,8 +190,7 @@ class GRPOModule(L.LightningModule):
     ) -> None:
         """Apply `trainer.accumulate_grad_batches` / `gradient_clip_val` / `gradient_clip_algorithm`.
 
-        Under manual optimisation Lightning refuses these Trainer arguments; the CLI takes them off
-        the Trainer and hands them here (from Python, call this instead of passing them to `Trainer`).
+        Lightning refuses them under manual optimisation; the CLI hands them here (from Python, call this).
         """
         self.accumulate_grad_batches, self.gradient_clip_val, self.gradient_clip_algorithm = gradient_settings(
             accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm, self.hparams.num_iterations
@@ -427,5 +427,6 @@ class GRPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
+        apply_resumed_settings(checkpoint, self.hparams, self._trainer, self.cli_optimizer or self.cli_lr_scheduler)
         for name in COUNTERS:
             setattr(self, name, checkpoint.get(name, 0))

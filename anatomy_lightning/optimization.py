@@ -128,3 +128,58 @@ def gradient_settings(
     if gradient_clip_val is not None and gradient_clip_val < 0:
         raise ValueError(f"trainer.gradient_clip_val must be >= 0, got {gradient_clip_val}")
     return int(accumulate_grad_batches), gradient_clip_val or None, algorithm
+
+
+RESUMED_SETTINGS = ("optimizer", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps")
+
+
+def apply_resumed_settings(checkpoint: dict[str, Any], hparams: Any, trainer: Any, cli_optimizers: Any = None) -> None:
+    """A resume (`fit --ckpt_path`) whose model.learning_rate / weight_decay / lr_schedule / warmup_steps
+    differ from the checkpoint's applies the new values and says so in one log line; a different
+    model.optimizer is refused (its state cannot feed another optimiser class).
+
+    Called from `on_load_checkpoint`, before Lightning loads the optimiser and scheduler state from this
+    same dict: editing the dict is what makes the new values survive that load (it would otherwise
+    silently put the checkpoint's rate back). With the CLI's --optimizer / --lr_scheduler these model
+    settings are not used, so nothing is compared."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    states = checkpoint.get("optimizer_states") or []
+    fitting = trainer is not None and trainer.state.fn == "fit"  # test / predict restore no optimiser
+    if not (fitting and states) or cli_optimizers:
+        return
+    changed = {k: (saved[k], hparams[k]) for k in RESUMED_SETTINGS if k in saved and saved[k] != hparams.get(k)}
+    if not changed:
+        return
+    if "optimizer" in changed:
+        old, new = changed["optimizer"]
+        raise ValueError(
+            f"resume: model.optimizer is {new} but the checkpoint's optimizer state is {old}'s; resume with "
+            f"model.optimizer={old}, or start a new run (without --ckpt_path) to change the optimizer"
+        )
+    groups = states[0].get("param_groups", [])
+    scheds = checkpoint.get("lr_schedulers") or [{}]
+    step = int(scheds[0].get("last_epoch", 0))
+    replaced = []
+    if changed.keys() & {"learning_rate", "lr_schedule", "warmup_steps"}:
+        replaced.append("learning rate")
+        old_lr, new_lr = float(saved.get("learning_rate", hparams["learning_rate"])), float(hparams["learning_rate"])
+        factor = lr_factor(step, hparams["lr_schedule"], max(0, int(hparams["warmup_steps"])), trainer.max_steps)
+        for group in groups:  # groups keep their ratios to model.learning_rate
+            base = new_lr * (group.get("initial_lr", old_lr) / old_lr) if old_lr else new_lr
+            group["initial_lr"], group["lr"] = base, base * factor
+        if "base_lrs" in scheds[0]:  # LambdaLR recomputes lr = base_lr * factor(step) at each step
+            scheds[0]["base_lrs"] = [g["initial_lr"] for g in groups]
+            scheds[0]["_last_lr"] = [g["lr"] for g in groups]
+    if "weight_decay" in changed:
+        replaced.append("weight decay")
+        for group in groups:  # a group without decay (0) stays without
+            if group.get("weight_decay") == changed["weight_decay"][0]:
+                group["weight_decay"] = changed["weight_decay"][1]
+    what = ", ".join(f"model.{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in changed.items())
+    lr_now = f"; learning rate {groups[0]['lr']:g} at step {step}" if groups and "learning rate" in replaced else ""
+    log.info("resume: %s (the checkpoint's optimizer state is kept, its %s replaced%s)", what,
+             " and ".join(replaced), lr_now)
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

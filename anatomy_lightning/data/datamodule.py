@@ -144,9 +144,9 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self._prepared = False
 
     # -- loading -------------------------------------------------------------------------------
-    def _load(self, path: str, image_root: str | None) -> list[Question]:
+    def _load(self, path: str, image_root: str | None, answer_optional: bool = False) -> list[Question]:
         return read_questions(path, image_root, format=self.format, fields=self.fields, on_bad_record=self.on_bad_record,
-                              check_images=self.check_images, prompt=self.prompt)
+                              check_images=self.check_images, prompt=self.prompt, answer_optional=answer_optional)
 
     def prepare_data(self) -> None:
         # Runs on one process per node: write the synthetic files once, before any rank reads them.
@@ -338,12 +338,14 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self._eval_loader(self.test_questions, "test")
 
     def predict_dataloader(self) -> DataLoader:
-        """data.predict_file (scored and staged like the test questions), else the test questions."""
+        """data.predict_file (labelled questions scored and staged like the test questions; its answers
+        are optional: S(q) and the stage need the gold, so unlabelled ones get neither), else the test questions."""
         path = self.hparams.get("predict_file")
         if path:
-            questions = self._load(path, self.image_root)
-            self._scorer().score(questions)
-            for q in questions:
+            questions = self._load(path, self.image_root, answer_optional=True)
+            labelled = [q for q in questions if q.answer_index is not None]
+            self._scorer().score(labelled)
+            for q in labelled:
                 q.stage = stage_for(q, self.stage_thresholds) if self.stage_thresholds else 0
         else:
             questions = self.test_questions

@@ -24,7 +24,8 @@ class Question:
     """One multiple-choice VQA item.
 
     `question` is the bare stem: no system text, no options block. `options` are the option
-    texts in their original order; `answer_index` points into them. `similarity` is S(q) and
+    texts in their original order; `answer_index` points into them (None: an unlabelled question,
+    which only `predict` reads, and which has no gold letter, text or anatomy). `similarity` is S(q) and
     `stage` the curriculum stage, both filled in by `data.similarity` once the set is scored.
     `uid` is unique even where the file repeats an `id`.
     """
@@ -32,7 +33,7 @@ class Question:
     id: str
     question: str
     options: list[str]
-    answer_index: int
+    answer_index: int | None
     images: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     similarity: float | None = None
@@ -47,17 +48,18 @@ class Question:
             self.uid = self.id
 
     @property
-    def answer_letter(self) -> str:
-        return LETTERS[self.answer_index]
+    def answer_letter(self) -> str | None:
+        return None if self.answer_index is None else LETTERS[self.answer_index]
 
     @property
-    def answer_text(self) -> str:
-        return self.options[self.answer_index]
+    def answer_text(self) -> str | None:
+        return None if self.answer_index is None else self.options[self.answer_index]
 
     @property
-    def anatomy(self) -> str:
-        """The class a question is reported under: the gold option text."""
-        return str(self.metadata.get("anatomy", self.answer_text))
+    def anatomy(self) -> str | None:
+        """The class a question is reported under: the gold option text (None when unlabelled)."""
+        anatomy = self.metadata.get("anatomy", self.answer_text)
+        return None if anatomy is None else str(anatomy)
 
     def options_block(self, header: str = "Options:") -> str:
         lines = [f"{LETTERS[i]}. {text}" for i, text in enumerate(self.options)]

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def read_questions(
     path: str, image_root: str | None, *, format: str, fields: dict[str, str] | None, on_bad_record: str,
-    check_images: bool, prompt: str,
+    check_images: bool, prompt: str, answer_optional: bool = False,
 ) -> list[Question]:
     """The questions of `path` (see `data.loader.load_questions`), with skipped records and reader
     warnings logged; `check_images` opens every image first, `prompt: dataset` pins each record's
@@ -32,6 +32,7 @@ def read_questions(
         image_root=image_root,
         check_images=False,  # the pre-flight below probes every image itself; the missing list is unused here
         fields=fields,
+        answer_optional=answer_optional,  # the predict file only: unlabelled questions are what it answers
     )
     if report.skipped:
         log.warning("%s: skipped %d bad records (%s)", path, report.skipped, ", ".join(report.problems))

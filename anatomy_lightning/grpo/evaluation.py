@@ -45,7 +45,8 @@ class EvaluationSettings:
 
 
 def evaluation_rows(questions: list[Question], texts: list[str]) -> list[dict[str, Any]]:
-    """One row per question: what was asked, the gold letter, the greedy answer and whether it is right."""
+    """One row per question: what was asked, the gold letter, the greedy answer and whether it is right
+    (gold and correct None for an unlabelled `predict` question: there is nothing to compare with)."""
     rows = []
     for q, text in zip(questions, texts):
         pred = extract_choice(text, q.options)
@@ -57,7 +58,7 @@ def evaluation_rows(questions: list[Question], texts: list[str]) -> list[dict[st
             "options": q.options,
             "gold": q.answer_letter,
             "prediction": None if pred is None else "ABCDEF"[pred],
-            "correct": pred == q.answer_index,
+            "correct": None if q.answer_index is None else pred == q.answer_index,
             "anatomy": q.anatomy,
             "stage": q.stage,
             "similarity": q.similarity,

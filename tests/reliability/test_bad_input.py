@@ -233,7 +233,8 @@ CASES = {
     "RGBA image": Case(rgba_png, None),
     "unknown config key": Case(unknown_config_key, (r"num_generation", r"did you mean model\.num_generations")),
     "model folder missing": Case(model_folder_missing, (r"^error: model folder '.*no-such-model' does not exist",)),
-    "unsupported quantization value": Case(quantization_value, (r"^error: quantization='3bit' is not supported",)),
+    "unsupported quantization value": Case(  # named with the valid choices by the up-front settings check
+        quantization_value, (r"^error: .*model\.quantization = '3bit': must be one of \['4bit', '8bit'\], or null",)),
     "4-bit where bitsandbytes cannot run": Case(
         four_bit_unsupported, (r"^error: bitsandbytes cannot run 4bit quantisation on '(cpu|cuda)'", "quantization: null")
     ),

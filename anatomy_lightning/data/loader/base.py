@@ -13,6 +13,7 @@ class Context:
     base: str  # the data file's folder: relative image paths are resolved against it
     root: str | None  # image_root, absolute
     format: str
+    answer_optional: bool = False  # `predict` reads unlabelled records (answer_index None); nothing else does
 
 
 class Parsed(NamedTuple):
@@ -20,7 +21,7 @@ class Parsed(NamedTuple):
 
     question: str  # the bare stem
     options: list[str]  # texts in their original order, markers stripped (`options.clean_options`)
-    answer_index: int
+    answer_index: int | None  # None: an unlabelled record (`Context.answer_optional`)
     images: list[str]  # resolved paths (`paths.record_images`)
     extra: dict[str, Any]  # goes into metadata
     id: str | None

@@ -15,6 +15,7 @@ from anatomy_lightning.data.loader.report import MISSING, WRONG_TYPE, RecordProb
 from anatomy_lightning.data.schema import DataError
 
 _ABSENT = object()
+ABSENT = _ABSENT  # what `lookup` returns for a key the record lacks
 
 
 def kind(value: Any) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from anatomy_lightning.data.loader.base import Context
 from anatomy_lightning.data.loader.document import Raw, parse_document, read_text
-from anatomy_lightning.data.loader.fields import FieldMap, kind
+from anatomy_lightning.data.loader.fields import ABSENT, FieldMap, kind, lookup
 from anatomy_lightning.data.loader.formats import DETECT_RECORDS, FORMATS, PARSERS, detect_format, format_of
 from anatomy_lightning.data.loader.options import check_duplicates
 from anatomy_lightning.data.loader.report import (
@@ -22,6 +23,24 @@ from anatomy_lightning.data.loader.report import (
 from anatomy_lightning.data.schema import DataError, Question
 
 DUP_SUFFIX = "#dup"  # uid of the k-th repeat of an id: "<id>#dup<k>"
+# where each format reads the gold answer (after data.fields); a record with none of them is unlabelled
+ANSWER_FIELDS = {
+    "generic": ("answer",), "medvlm_r1": ("answer", "solution"), "r1": ("solution",), "omnimedvqa": ("gt_answer",),
+    "anatomy_r1": ("solution", "answer"), "easyr1": ("answer.correct_answer", "answer.answer_id", "answer.label"),
+    "medxpertqa": ("label",),
+}
+
+
+def _without_answer(rec: dict[str, Any], fmt: str) -> dict[str, Any] | None:
+    """An unlabelled record with a placeholder answer "A", so the format's reader checks everything
+    else as usual; None when the record has an answer (then it is read, and checked, as given)."""
+    keys = ANSWER_FIELDS.get(fmt, ())
+    if not keys or any(lookup(rec, k) not in (ABSENT, None, "", []) for k in keys):
+        return None
+    head, _, tail = keys[0].partition(".")
+    if not tail:
+        return {**rec, head: ["A"] if fmt == "medxpertqa" else "A"}
+    return {**rec, head: {**rec[head], tail: "A"}} if isinstance(rec.get(head), dict) else None
 
 
 def _question(raw: Raw, ctx: Context, fields: FieldMap) -> tuple[Question, str | None]:
@@ -31,12 +50,16 @@ def _question(raw: Raw, ctx: Context, fields: FieldMap) -> tuple[Question, str |
     if not isinstance(raw.value, dict):
         raise RecordProblem(NOT_OBJECT, None, f"expected an object with the question fields, got {kind(raw.value)}")
     rec = fields.apply(raw.value)
-    parsed = PARSERS[ctx.format](rec, ctx)
+    placeholder = _without_answer(rec, ctx.format) if ctx.answer_optional else None
+    parsed = PARSERS[ctx.format](placeholder or rec, ctx)
+    if placeholder is not None:
+        parsed = parsed._replace(answer_index=None)
     options = parsed.options
     warning = check_duplicates(options, parsed.answer_index, parsed.options_field)
     extra = {k: v for k, v in parsed.extra.items() if k not in fields.used()}
     metadata = {**extra, "source": ctx.path, "record": raw.index}
-    metadata.setdefault("anatomy", options[parsed.answer_index])
+    if parsed.answer_index is not None:
+        metadata.setdefault("anatomy", options[parsed.answer_index])
     question = Question(
         id=parsed.id if parsed.id is not None else f"{ctx.stem}:{raw.index}",
         question=parsed.question,
@@ -87,13 +110,15 @@ def load_questions(
     image_root: str | os.PathLike[str] | None = None,
     check_images: bool = True,
     fields: Mapping[str, str] | None = None,
+    answer_optional: bool = False,
 ) -> LoadReport:
     """Read a question file; see the package docstring for formats and error handling.
 
     `fields` maps our field names onto the file's keys or dotted paths (`data.fields`); with it the
     format defaults to generic. Missing image files are listed in `report.missing_images` (not
     raised here), for `inspect_data` to report; training skips this list and runs the fuller
-    pre-flight `images.probe_images` (folders, empty and undecodable files too).
+    pre-flight `images.probe_images` (folders, empty and undecodable files too). `answer_optional`
+    (the `predict` file only): a record without an answer becomes a Question with answer_index None.
     """
     if format not in FORMATS:
         raise DataError(f"format={format!r} is not supported; use one of {list(FORMATS)}")
@@ -111,7 +136,7 @@ def load_questions(
     if fmt is None:
         raise DataError(_no_format_message(file, raws))
     root = os.path.abspath(image_root) if image_root is not None else None
-    ctx = Context(str(file), file.stem, os.path.dirname(os.path.abspath(file)), root, fmt)
+    ctx = Context(str(file), file.stem, os.path.dirname(os.path.abspath(file)), root, fmt, answer_optional)
     report = LoadReport(path=str(file), format=fmt, records=len(raws), unit=raws[0].where.split()[0])
     for raw in raws:
         try:

@@ -60,7 +60,7 @@ def check_options(options: list[str], name: str = "options") -> list[str]:
     return options
 
 
-def check_duplicates(options: list[str], answer_index: int, name: str = "options") -> str | None:
+def check_duplicates(options: list[str], answer_index: int | None, name: str = "options") -> str | None:
     """Options equal up to case/spacing: an error when one of them is the gold, else a warning message.
 
     A gold option with a twin ("Liver" / "liver") makes two answers correct, so the record is
