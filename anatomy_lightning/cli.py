@@ -49,7 +49,7 @@ from anatomy_lightning.logs import quiet_library_noise, setup_logging
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, load_model_config, resolve_model_path
 from anatomy_lightning.grpo.evaluation import EvaluationSettings
-from anatomy_lightning.guards import check_strategy, resolve_auto_ckpt_path
+from anatomy_lightning.guards import check_strategy, checkpoint_dirs, resolve_auto_ckpt_path
 from anatomy_lightning.module import GRPOModule
 from anatomy_lightning.optimization import PRECISION_DTYPE, RESUMED_SETTINGS, weight_dtype
 from anatomy_lightning.settings_check import check_settings
@@ -80,6 +80,15 @@ def _all_dests(parser: Any) -> list[str]:
             dests.extend(_all_dests(sub))
     return dests
 
+
+
+def _unversioned_tensorboard(config: Any) -> Any | None:
+    """The `init_args` of the config's TensorBoardLogger when its `version` is still unset, else None."""
+    logger = config["trainer"].get("logger")
+    if not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
+        return None
+    init = logger.get("init_args")
+    return init if init is not None and init.get("version") is None else None
 
 class SuggestingParser(LightningArgumentParser):
     """Adds 'did you mean ...' to jsonargparse's unknown-key errors; drops retired model settings
@@ -241,11 +250,8 @@ class AnatomyCLI(LightningCLI):
     def _name_tensorboard_run(self, config: Any) -> None:
         """An unset TensorBoard `version` becomes `<subcommand>_<n>` (fit_0, test_0, ...): the run
         folder says what it holds. A resumed fit keeps its run's folder (set just before)."""
-        logger = config["trainer"].get("logger")
-        if not (self.subcommand and hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
-            return
-        init = logger.get("init_args")
-        if init is None or init.get("version") is not None:
+        init = _unversioned_tensorboard(config)
+        if not self.subcommand or init is None:
             return
         root = Path(str(init.get("save_dir") or ".")) / str(init.get("name") or "lightning_logs")
         n = 0
@@ -255,19 +261,13 @@ class AnatomyCLI(LightningCLI):
 
     def _continue_tensorboard_run(self, config: Any) -> None:
         """`fit --ckpt_path X`: log into the TensorBoard version folder the checkpoint's run wrote to."""
-        logger = config["trainer"].get("logger")
-        if not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
-            return
-        init = logger.get("init_args")
-        if init is None or init.get("version") is not None:
+        init = _unversioned_tensorboard(config)
+        if init is None:
             return
         path = Path(str(config["ckpt_path"]))
         if str(config["ckpt_path"]) == "last":
-            dirs = [
-                (c.get("init_args") or {}).get("dirpath") for c in config["trainer"].get("callbacks") or []
-                if hasattr(c, "get") and str(c.get("class_path", "")).endswith("Checkpoint")
-            ]
-            path = next((Path(d) / "last.ckpt" for d in dirs if d and (Path(d) / "last.ckpt").is_file()), path)
+            dirs = checkpoint_dirs(config["trainer"])
+            path = next((d / "last.ckpt" for d in dirs if (d / "last.ckpt").is_file()), path)
         if not path.is_file() or checkpoint_problem(path) is not None:
             return  # a damaged last.ckpt is refused in one line when fit resolves `last`
         from anatomy_lightning.checkpointing import load_checkpoint_data  # weights_only: a checkpoint is data

@@ -5,69 +5,9 @@ and v3, and why each exists), `scenes` the generator of scenes and questions, `f
 PNG writer. Everything public is re-exported here, so callers import from `data.synthetic`.
 """
 
-from anatomy_lightning.data.synthetic.files import write_synthetic_dataset, write_synthetic_split
-from anatomy_lightning.data.synthetic.looks import (
-    ANATOMIES,
-    BENCHMARKS,
-    BY_NAME,
-    FAMILIES,
-    V2_GAIN,
-    V2_LOOKALIKE_GAP,
-    V2_LOOKALIKE_GROUPS,
-    V2_LOOKS,
-    V2_TINT_SIGMA,
-    V3_AMBIGUOUS,
-    V3_ANATOMIES,
-    V3_BY_NAME,
-    V3_CLEAR,
-    V3_CLEAR_GAP,
-    V3_DIM,
-    V3_HARD_SHARE,
-    V3_PAIRS,
-    V3_TWIN_GAP,
-    Anatomy,
-)
-from anatomy_lightning.data.synthetic.scenes import (
-    FORMAT_VERSION,
-    KINDS,
-    RELATIONS,
-    TEXTURE_DEPTH,
-    TOOL_NAME,
-    TOOL_RGB,
-    Scene,
-    SceneGenerator,
-    position_name,
-)
+from anatomy_lightning.data.synthetic import files, looks, scenes
+from anatomy_lightning.data.synthetic.files import *  # noqa: F403
+from anatomy_lightning.data.synthetic.looks import *  # noqa: F403
+from anatomy_lightning.data.synthetic.scenes import *  # noqa: F403
 
-__all__ = [
-    "ANATOMIES",
-    "BENCHMARKS",
-    "BY_NAME",
-    "FAMILIES",
-    "FORMAT_VERSION",
-    "KINDS",
-    "RELATIONS",
-    "TEXTURE_DEPTH",
-    "TOOL_NAME",
-    "TOOL_RGB",
-    "V2_GAIN",
-    "V2_LOOKALIKE_GAP",
-    "V2_LOOKALIKE_GROUPS",
-    "V2_LOOKS",
-    "V2_TINT_SIGMA",
-    "V3_AMBIGUOUS",
-    "V3_ANATOMIES",
-    "V3_BY_NAME",
-    "V3_CLEAR",
-    "V3_CLEAR_GAP",
-    "V3_DIM",
-    "V3_HARD_SHARE",
-    "V3_PAIRS",
-    "V3_TWIN_GAP",
-    "Anatomy",
-    "Scene",
-    "SceneGenerator",
-    "position_name",
-    "write_synthetic_dataset",
-    "write_synthetic_split",
-]
+__all__ = [*files.__all__, *looks.__all__, *scenes.__all__]
