@@ -248,7 +248,8 @@ class GRPOModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         rounds = int(getattr(datamodule, "replacement_rounds", 0) or 0)  # same-step GDQA rounds
         fresh = hp.max_resample_times if hp.dynamic_sample else 0
-        (batch, ro, rewards, per_fn, sel), draws = self.sampler.sample(batch, datamodule, self.global_step, fresh, rounds)
+        (batch, ro, rewards, per_fn, sel), draws = self.sampler.sample(
+            batch, datamodule, self.global_step, fresh, rounds, micro=self._accumulated)
         self.completions_generated += sel.generated
         adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
         mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
@@ -309,6 +310,12 @@ class GRPOModule(L.LightningModule):
         log.warning("step %d: %s, optimizer step skipped", self.global_step, why)
         opt.zero_grad(set_to_none=True)
         self._accumulated = 0
+
+    @property
+    def accumulating(self) -> bool:
+        """True between the rollouts of one optimiser step (`trainer.accumulate_grad_batches` > 1): the
+        gradients gathered so far are in no checkpoint, so a stop or save waits for the step to finish."""
+        return self._accumulated > 0
 
     def _log_train(self, ro: Rollout, batch: list[Question], rewards: Tensor, per_fn: dict[str, Tensor], adv: Any,
                    metrics: dict[str, float], generated: int) -> None:

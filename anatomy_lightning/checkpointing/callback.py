@@ -13,8 +13,8 @@ like an uninterrupted one:
 - `save_on_exception` saves only a consistent state: not after an exception inside a training
   batch (half a step), nor inside a validation that was cut short (the curriculum has not decided
   yet), nor before training started (a failed resume must not overwrite `last.ckpt`);
-- SIGTERM (what schedulers send on preemption) and SIGINT (Ctrl+C) finish the current step and its
-  validation, save there, print how to resume and exit 128 + the signal (143, 130); a second
+- SIGTERM (what schedulers send on preemption) and SIGINT (Ctrl+C) finish the current step (with
+  `trainer.accumulate_grad_batches` > 1, every rollout of its window) and its validation, save there, print how to resume and exit 128 + the signal (143, 130); a second
   signal stops at once, keeping the last consistent checkpoint;
 - a fingerprint of the run (data files by size and content hash, synthetic settings, stages,
   group size, model and LoRA shape): resuming a different run stops with the differences listed,
@@ -179,6 +179,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         else:
             self._save_on_schedule(trainer)
+        if _mid_window(trainer):
+            return  # the step's other rollouts come first: their gradients are in no checkpoint
         if not _validation_follows(trainer) and self._signalled(trainer):
             self._stop(trainer)  # with a validation to come, on_validation_end stops after it
 
@@ -203,8 +205,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_now(trainer)  # after the other callbacks' on_validation_end (checkpoints run last)
         else:
             super().on_validation_end(trainer, pl_module)
-        if fitting and self._training_started and self._signalled(trainer):
-            self._stop(trainer)
+        if fitting and self._training_started and not _mid_window(trainer) and self._signalled(trainer):
+            self._stop(trainer)  # mid-window, the batch end that completes the step stops
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -245,6 +247,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             # inside a training batch: the sampler has counted it, the optimizer may have stepped, the
             # callbacks have not seen it
             return f"training step {trainer.global_step + 1} is half done"
+        if _mid_window(trainer):
+            return f"training step {trainer.global_step + 1} has accumulated gradients no checkpoint holds"
         if trainer.validating or trainer.sanity_checking:
             return f"the validation after step {trainer.global_step} was cut short, before the curriculum decided"
         return None
@@ -304,6 +308,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
             return
         set_rng_state(states[trainer.global_rank])
+
+
+def _mid_window(trainer: L.Trainer) -> bool:
+    """True between the rollouts of one accumulated optimiser step (the same on every rank)."""
+    return bool(getattr(trainer.lightning_module, "accumulating", False))
 
 
 def _validation_follows(trainer: L.Trainer) -> bool:

@@ -161,11 +161,14 @@ class StepSampler:
         return Piece(questions, ro, rewards, per_fn, signal.has_signal.cpu())
 
     def sample(self, batch: list[Question], datamodule: Any, step: int, fresh_rounds: int,
-               rewrite_rounds: int) -> tuple[StepBatch, dict[str, int]]:
-        """(questions, rollout, rewards, per-function rewards, selection) of the step, and the draw counts."""
+               rewrite_rounds: int, micro: int = 0) -> tuple[StepBatch, dict[str, int]]:
+        """(questions, rollout, rewards, per-function rewards, selection) of the step, and the draw counts.
+
+        `micro` is the rollout's place in the step's accumulation window (`trainer.accumulate_grad_batches`):
+        each rollout of a step draws its own fresh prompts."""
         first = self.piece(batch)
         rewrite = rewrite_rounds if not bool(first.has_signal.all()) else 0
-        draw, counts = self._draws(first, datamodule, step, rewrite, fresh_rounds)
+        draw, counts = self._draws(first, datamodule, step, rewrite, fresh_rounds, micro)
         sel = dynamic_sample(first, draw, rewrite + fresh_rounds)
         if sel.unchanged:
             return (batch, first.rollout, first.rewards, first.per_fn, sel), counts
@@ -179,7 +182,7 @@ class StepSampler:
         return questions, ro, rewards, per_fn
 
     def _draws(self, first: Piece, datamodule: Any, step: int, rewrite_rounds: int,
-               fresh_rounds: int) -> tuple[Callable[[int, int], Piece | None], dict[str, int]]:
+               fresh_rounds: int, micro: int = 0) -> tuple[Callable[[int, int], Piece | None], dict[str, int]]:
         """`dynamic_sample`'s resample function for this step: rewrites first, then fresh prompts."""
         rewards = first.rewards.detach().view(-1, self.G).cpu()
         pending = [g for g in range(len(first.questions)) if not bool(first.has_signal[g])]
@@ -207,7 +210,9 @@ class StepSampler:
                         "model.dynamic_sample needs a datamodule with resample_questions(n, key) "
                         "(AnatomyVQADataModule has it); set model.dynamic_sample: false"
                     )
-                questions = resample(n, f"{step}/{counts['fresh_rounds']}")
+                # the step's first rollout keeps the key it always had (runs without accumulation unchanged)
+                where = f"{step}" if micro == 0 else f"{step}.{micro}"
+                questions = resample(n, f"{where}/{counts['fresh_rounds']}")
                 return self.piece(questions) if questions else None
             return None
 

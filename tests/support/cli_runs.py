@@ -69,3 +69,11 @@ def run_cli(subcommand: str, configs: list[Path], cwd: Path, *extra: str, timeou
 
 def predictions(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def half_signal_reward(completions: list[str], questions: list, **kwargs: Any) -> list[float]:
+    """Spread inside the groups of about half the questions (by uid) and none in the others: dynamic
+    sampling has groups to replace, and the step still has a gradient."""
+    import zlib
+
+    return [float(len(c) % 5) if zlib.crc32(q.uid.encode()) % 2 else 0.0 for c, q in zip(completions, questions)]

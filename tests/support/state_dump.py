@@ -124,3 +124,17 @@ class PauseAt(Callback):
     ) -> None:
         if self.where == "train" and trainer.global_step == self.step - 1:
             self._pause(trainer)
+
+
+class SignalAt(Callback):
+    """Sends this process `signum` (default SIGTERM) as training batch `batch` (0-based, counted over
+    the run) starts: a preemption at an exact point of an in-process `fit`."""
+
+    def __init__(self, batch: int, signum: int = 15) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
