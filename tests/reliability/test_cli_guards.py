@@ -181,7 +181,10 @@ def test_every_invalid_choice_is_named_in_one_error_before_the_model_loads(
     assert err.startswith(f"error: {len(bad)} setting(s)")
     for key, value in bad.items():
         assert f"{key} = {value!r}: must be one of [" in err, key
-    assert "model.loss_type = 'dapo2': must be one of ['grpo', 'bnpo', 'dapo', 'dr_grpo', 'gpg']" in err
+    from anatomy_lightning.grpo.loss import LOSS_AGGREGATIONS
+
+    assert f"model.loss_type = 'dapo2': must be one of {list(LOSS_AGGREGATIONS)}" in err
+    assert {"grpo", "dapo", "cispo", "sapo", "luspo", "vespo"} <= set(LOSS_AGGREGATIONS)
     assert not (no_model / "outputs").exists()
 
 
