@@ -154,7 +154,14 @@ def _dequantised_policy(hp: dict[str, Any], dtype: str) -> tuple[Any, Any]:
     base = AutoModelForImageTextToText.from_pretrained(path, **kwargs).dequantize()
     processor = AutoProcessor.from_pretrained(path)
     family.set_pixel_bounds(processor, hp.get("min_pixels"), hp.get("max_pixels"))
-    return get_peft_model(base, LoraSettings.coerce(hp["lora"]).to_peft(family)), processor
+    lora = LoraSettings.coerce(hp["lora"]).to_peft(family, base, **_freeze_settings(hp))
+    return get_peft_model(base, lora), processor
+
+
+def _freeze_settings(hp: dict[str, Any]) -> dict[str, Any]:
+    """The run's `freeze_vit` / `freeze_aligner` / `freeze_llm` (absent in older checkpoints: defaults)."""
+    return {"freeze_vit": hp.get("freeze_vit"), "freeze_aligner": hp.get("freeze_aligner"),
+            "freeze_llm": hp.get("freeze_llm", False)}
 
 
 def _protected_paths(hp: dict[str, Any], ckpt_path: str, configs: Sequence[str]) -> dict[str, Path]:
@@ -290,7 +297,8 @@ def export(configs: Sequence[str], ckpt_path: str, out: str | os.PathLike[str], 
         policy, processor = _dequantised_policy(hp, dtype)
     else:
         policy, processor = load_policy(hp["model"], dtype=dtype, quantization=None, lora=lora,
-                                        min_pixels=hp.get("min_pixels"), max_pixels=hp.get("max_pixels"))
+                                        min_pixels=hp.get("min_pixels"), max_pixels=hp.get("max_pixels"),
+                                        **_freeze_settings(hp))
     base = getattr(policy, "name_or_path", None) or getattr(policy.config, "_name_or_path", hp["model"])
     try:
         missing, unexpected = policy.load_state_dict(state, strict=False)

@@ -29,14 +29,13 @@ from anatomy_lightning.checkpointing import check_weights_fit
 from anatomy_lightning.data.images import ImageCache
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.distributed import gather_objects
-from anatomy_lightning.grpo.advantages import group_advantages
+from anatomy_lightning.grpo.advantages import GroupAdvantages, group_advantages, resolve_scale_rewards
 from anatomy_lightning.grpo.dynamic_sampling import StepSampler
 from anatomy_lightning.grpo.evaluation import (
     EvaluationSettings,
     accuracy_by,
     evaluation_rows,
     format_report,
-    sample_text,
     tally_stage,
     test_banner,
     write_predictions,
@@ -49,11 +48,13 @@ from anatomy_lightning.grpo.metrics import (
     same_step_augment_metrics,
     train_metrics,
 )
+from anatomy_lightning.grpo.preflight import preflight
 from anatomy_lightning.grpo.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, encode_prompts
 from anatomy_lightning.grpo.rewards import RewardComputer
 from anatomy_lightning.grpo.rollout import Rollouts
+from anatomy_lightning.grpo.samples import log_samples
 from anatomy_lightning.grpo.sequences import Rollout, mask_vision_tokens, vision_token_guard
-from anatomy_lightning.grpo.update import backward_chunks, prepare_update
+from anatomy_lightning.grpo.update import backward_chunks, prepare_update, sync_due, sync_reference
 from anatomy_lightning.guards import check_strategy
 from anatomy_lightning.models.families import ModelFamily, family_of
 from anatomy_lightning.models.loading import (
@@ -69,9 +70,10 @@ from anatomy_lightning.optimization import (
     clip_gradients,
     configure_optimization,
     gradient_settings,
+    parameter_groups,
     weight_dtype,
 )
-from anatomy_lightning.settings_check import check_settings
+from anatomy_lightning.settings_check import SettingsError, check_settings, reward_knob_problems
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +97,40 @@ class GRPOModule(L.LightningModule):
         max_new_tokens, temperature, top_p, top_k: sampling settings for rollouts.
         min_new_tokens: no end-of-turn before this many tokens (0: off; benchmarks fix lengths with it).
         mask_truncated_completions: drop completions that hit max_new_tokens from the loss.
+        max_prompt_length: longest prompt in tokens, images included (None: the model's context minus
+            max_new_tokens); every prompt is measured before the model loads (`grpo.preflight`).
+        truncation_strategy: "raise" stops on longer prompts, naming them; "delete" drops them with a
+            warning (ms-swift's names; prompts are never cut, image tokens must stay whole).
         rewards: reward function name or "package.module:function" -> weight
             (None: the default, accuracy 1.0 + format 0.5).
         scale_rewards: "group" (true) divides advantages by the group std, "batch" by the batch std,
-            "none" (false) not at all (Dr. GRPO).
+            "none" (false) not at all (Dr. GRPO); None: the estimator's own (ms-swift's: grpo group,
+            rloo none, reinforce_plus_plus batch).
         std_tol: a group whose reward std is below this has no learning signal.
         dynamic_sample: replace groups without signal by fresh prompts rolled out in the same step
             (ms-swift's `dynamic_sample`, DAPO); after GDQA's same-step rewrites when both are on.
             Every generated completion counts in `train/completions`.
         max_resample_times: resampling rounds per step; after them no-signal groups fill the batch.
-        loss_type: grpo | bnpo | dapo | dr_grpo | gpg (see grpo.loss).
+        advantage_estimator: grpo | rloo (leave-one-out baseline) | reinforce_plus_plus (batch-normalised; ms-swift's).
+        multi_objective_aggregation: sum_then_normalize | normalize_then_sum (GDPO: each reward normalised per group).
+        soft_max_length: the soft_overlong reward's L_max in tokens (None: max_new_tokens; ms-swift's name).
+        soft_cache_length: the soft_overlong reward's L_cache: its punishment grows from 0 to -1 over these last tokens.
+        sync_ref_model: mix the policy into the reference every ref_model_sync_steps (TR-DPO; full FT, beta > 0).
+        ref_model_mixup_alpha: ref = alpha * policy + (1 - alpha) * ref at each sync (TRL: 0.6).
+        ref_model_sync_steps: optimiser steps between reference syncs (TRL: 512).
+        loss_type: grpo | bnpo | dapo | dr_grpo | gpg | cispo | sapo | luspo | vespo (see grpo.loss).
         beta: KL coefficient (k3 estimator); 0 skips the reference forward entirely.
-        epsilon_low / epsilon_high: clip range of the importance ratio.
+        epsilon_low: the importance ratio's clip range starts at 1 - epsilon_low.
+        epsilon_high: the clip range ends at 1 + epsilon_high (DAPO: 0.28); for cispo it is eps_max, the cap
+            on the ratio itself, >= 1 (ScaleRL: 5.0).
+        delta: two-sided clipping (grpo, bnpo, dapo, dr_grpo, luspo): caps the unclipped ratio at delta,
+            > 1 + epsilon_high; null = off.
+        sapo_temperature_pos: sapo's gate temperature on tokens with positive advantage (TRL: 1.0).
+        sapo_temperature_neg: sapo's gate temperature on tokens with non-positive advantage (TRL: 1.05).
+        vespo_k_pos: vespo's power k for A >= 0: how hard low importance weights are damped (TRL: 2.0).
+        vespo_lambda_pos: vespo's decay lambda for A >= 0: how hard high importance weights are damped (TRL: 3.0).
+        vespo_k_neg: vespo's power k for A < 0 (TRL: 3.0).
+        vespo_lambda_neg: vespo's decay lambda for A < 0 (TRL: 2.0).
         importance_sampling_level: "token" (GRPO) or "sequence" (GSPO: one ratio per completion).
         top_entropy_quantile: keep the policy loss only on the top rho share of tokens by entropy (1 = all).
         use_bias_correction_kl: multiply the k3 KL by the importance ratio (TRL's option).
@@ -116,6 +140,12 @@ class GRPOModule(L.LightningModule):
             --optimizer replaces all three). Clipping and accumulation are the trainer's knobs.
         lr_schedule: constant | linear | cosine after `warmup_steps` of linear warmup; linear and
             cosine reach 0 at trainer.max_steps (the CLI's --lr_scheduler, if given, replaces it).
+        freeze_vit: freeze the vision tower (ms-swift's key). null: trained in full fine-tuning (ms-swift
+            freezes it), no adapter with lora (as ms-swift); false with lora: adapters on its linear layers too.
+        freeze_aligner: the same for the projector (Qwen: the merger, Qwen3-VL also the deepstack mergers).
+        freeze_llm: freeze the language model (full fine-tuning) or keep LoRA off it: only the vision side trains.
+        vit_lr: learning rate of the vision tower, as its own optimizer parameter group; null: learning_rate.
+        aligner_lr: learning rate of the projector, as its own optimizer parameter group; null: learning_rate.
         system_prompt / prompt_template: how a question is shown ({question}, {options}).
     Evaluation knobs are the `evaluation:` section (`EvaluationSettings` as `module.evaluation`).
     """
@@ -136,15 +166,31 @@ class GRPOModule(L.LightningModule):
         top_k: int = 0,
         min_new_tokens: int = 0,
         mask_truncated_completions: bool = False,
+        max_prompt_length: int | None = None,
+        truncation_strategy: str = "raise",
         rewards: dict[str, float] | None = DEFAULT_REWARDS,
-        scale_rewards: bool | str = "group",
+        scale_rewards: bool | str | None = None,
         std_tol: float = 1e-6,
         dynamic_sample: bool = False,
         max_resample_times: int = 3,
+        advantage_estimator: str = "grpo",
+        multi_objective_aggregation: str = "sum_then_normalize",
+        soft_max_length: int | None = None,
+        soft_cache_length: int | None = None,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
         loss_type: str = "grpo",
         beta: float = 0.04,
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
+        delta: float | None = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         importance_sampling_level: str = "token",
         top_entropy_quantile: float = 1.0,
         use_bias_correction_kl: bool = False,
@@ -155,6 +201,11 @@ class GRPOModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_schedule: str = "constant",
+        freeze_vit: bool | None = None,
+        freeze_aligner: bool | None = None,
+        freeze_llm: bool = False,
+        vit_lr: float | None = None,
+        aligner_lr: float | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     ) -> None:
@@ -163,8 +214,18 @@ class GRPOModule(L.LightningModule):
         check_settings(model={k: v for k, v in locals().items() if k not in ("self", "__class__", "lora", "rewards")})
         lora = LoraSettings.coerce(lora)  # however it arrived (YAML, JSON string, flags, hparams)
         rewards = dict(DEFAULT_REWARDS if rewards is None else rewards)  # the real default in hparams
+        problems = reward_knob_problems(dict(  # the combinations that need lora and rewards
+            sync_ref_model=sync_ref_model, beta=beta, lora=lora, rewards=rewards, soft_cache_length=soft_cache_length,
+            soft_max_length=soft_max_length, max_new_tokens=max_new_tokens))
+        if problems:
+            raise SettingsError(f"{len(problems)} setting(s) out of range: " + "; ".join(problems))
+        if multi_objective_aggregation == "normalize_then_sum" and scale_rewards is not None:
+            log.warning("model.scale_rewards=%s is not used with normalize_then_sum: the aggregate is divided by "
+                        "its batch std (as in TRL)", scale_rewards)
+        scale_rewards = resolve_scale_rewards(scale_rewards, advantage_estimator)  # hparams show what is used
         self.save_hyperparameters()
         self.hparams.lora = None if lora is None else dataclasses.asdict(lora)  # plain data in checkpoints
+        self.hparams.scale_rewards = scale_rewards  # resolved (the CLI hands hparams its own config values)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.reward_computer = RewardComputer(rewards)
@@ -201,6 +262,12 @@ class GRPOModule(L.LightningModule):
         self.cli_optimizer, self.cli_lr_scheduler = optimizer, lr_scheduler
 
     # -- model and rollouts --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before the model loads: every prompt of the stage measured with the model's processor (`grpo.preflight`)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and self.policy is None:
+            preflight(self.hparams, datamodule, stage)
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
@@ -210,6 +277,7 @@ class GRPOModule(L.LightningModule):
         self.policy, self.processor = load_policy(
             hp.model, dtype=self._weight_dtype(), quantization=hp.quantization, lora=hp.lora,
             gradient_checkpointing=hp.gradient_checkpointing, min_pixels=hp.min_pixels, max_pixels=hp.max_pixels,
+            freeze_vit=hp.freeze_vit, freeze_aligner=hp.freeze_aligner, freeze_llm=hp.freeze_llm,
         )
         if hp.beta != 0 and not has_adapter(self.policy):
             self.reference = frozen_copy(self.policy)
@@ -220,7 +288,7 @@ class GRPOModule(L.LightningModule):
         self.rollouts = Rollouts(self.policy, self.processor, self.family, self.encode)
         sampling = dict(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
                         min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens)
-        self.sampler = StepSampler(self.rollouts, self.score, sampling, hp.num_generations, hp.scale_rewards, hp.std_tol)
+        self.sampler = StepSampler(self.rollouts, self.score, sampling, hp.num_generations, self.compute_advantages)
         log.info("model family %s (%s path)", self.family.name, self.rollouts.path)
 
     def _weight_dtype(self) -> str:
@@ -238,9 +306,29 @@ class GRPOModule(L.LightningModule):
         return batch  # batches are lists of questions; tensors are made on the device in `encode`
 
     def score(self, rollout: Rollout, questions: list[Question]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every reward function gets, besides the texts and questions, TRL's `completion_ids` (token ids up
+        to and including the end-of-turn token) and the soft_overlong lengths (ms-swift's names)."""
+        hp = self.hparams
         expanded = [q for q in questions for _ in range(rollout.group_size)]
-        total, per_fn = self.reward_computer(rollout.texts, expanded)
+        ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids.cpu(), rollout.completion_mask.cpu())]
+        total, per_fn = self.reward_computer(
+            rollout.texts, expanded, completion_ids=ids, soft_cache_length=hp.soft_cache_length,
+            soft_max_length=hp.max_new_tokens if hp.soft_max_length is None else hp.soft_max_length,
+        )
         return total.to(self.device), {k: v.to(self.device) for k, v in per_fn.items()}
+
+    def compute_advantages(self, rewards: Tensor, per_fn: dict[str, Tensor]) -> GroupAdvantages:
+        """`grpo.advantages.group_advantages` with this run's estimator, aggregation and scaling (the training
+        step and the dynamic sampler's "has signal" both come from here)."""
+        hp = self.hparams
+        weights = self.reward_computer.weights
+        gdpo = hp.multi_objective_aggregation == "normalize_then_sum"
+        per_function = torch.stack([per_fn[name] for name in weights], dim=1) if gdpo else None
+        return group_advantages(
+            rewards, hp.num_generations, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol,
+            estimator=hp.advantage_estimator, aggregation=hp.multi_objective_aggregation,
+            per_function=per_function, weights=list(weights.values()),
+        )
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: list[Question], batch_idx: int) -> dict[str, Any]:
@@ -251,7 +339,7 @@ class GRPOModule(L.LightningModule):
         (batch, ro, rewards, per_fn, sel), draws = self.sampler.sample(
             batch, datamodule, self.global_step, fresh, rounds, micro=self._accumulated)
         self.completions_generated += sel.generated
-        adv = group_advantages(rewards, G, scale_rewards=hp.scale_rewards, std_tol=hp.std_tol)
+        adv = self.compute_advantages(rewards, per_fn)
         mask = ro.completion_mask * vision_token_guard(ro.completion_ids, self.vision_ids)
         if hp.mask_truncated_completions:
             mask = mask * (~ro.truncated).float().unsqueeze(1)
@@ -302,6 +390,8 @@ class GRPOModule(L.LightningModule):
             if sched is not None:
                 sched.step()
             metrics["grad_norm"] = grad_norm
+            if hp.sync_ref_model and self.reference is not None and sync_due(self.global_step, hp.ref_model_sync_steps):
+                sync_reference(self.policy, self.reference, hp.ref_model_mixup_alpha)  # TRL's SyncRefModelCallback
         return metrics
 
     def _skip_step(self, opt: Any, why: str) -> None:
@@ -331,8 +421,8 @@ class GRPOModule(L.LightningModule):
         self.log("reward", logs["train/reward"], prog_bar=True, on_step=True, logger=False, batch_size=len(batch))
         every = self.evaluation.sample_every_n_steps
         if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
-            self.logger.experiment.add_text("train/sample", sample_text(batch[0], ro.texts[0], rewards[0].item()),
-                                            self.global_step)
+            log_samples(self.logger.experiment, self.global_step, batch, ro.texts, rewards, adv.advantages, per_fn,
+                        ro.group_size, self._load_image, prompts=self.evaluation.sample_prompts)
 
     def on_train_start(self) -> None:
         self._logger_step_checked = False
@@ -418,21 +508,28 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         return configure_optimization(
-            [p for p in self.policy.parameters() if p.requires_grad], optimizer=hp.optimizer,
+            parameter_groups(self.policy, hp.vit_lr, hp.aligner_lr), optimizer=hp.optimizer,
             learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, lr_schedule=hp.lr_schedule,
             warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps,
             cli_optimizer=self.cli_optimizer, cli_lr_scheduler=self.cli_lr_scheduler,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep trainable weights only: a 7B LoRA checkpoint is tens of MB, not GB."""
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        """Keep trainable weights only: a 7B LoRA checkpoint is tens of MB, not GB. With `sync_ref_model` the
+        reference has moved away from the initial weights where the policy trains: those are kept too."""
+        names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
+        trainable = {f"policy.{n}" for n in names}
+        if self.hparams.sync_ref_model and self.reference is not None:
+            trainable |= {f"reference.{n}" for n in names}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint.update({name: getattr(self, name) for name in COUNTERS})
         if isinstance(self.logger, TensorBoardLogger):  # `fit --ckpt_path` continues this TensorBoard run
             checkpoint["tensorboard_version"] = self.logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is None and checkpoint.get("state_dict"):  # a synced reference, resumed with beta = 0
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("reference.")}
         check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
         apply_resumed_settings(checkpoint, self.hparams, self._trainer, self.cli_optimizer or self.cli_lr_scheduler)
         for name in COUNTERS:

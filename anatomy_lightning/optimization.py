@@ -56,13 +56,52 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int | No
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# parameter group name -> the model setting of its own learning rate (None: the optimiser's, model.learning_rate)
+GROUP_LR = {"language_model": None, "vision_tower": "vit_lr", "projector": "aligner_lr"}
+
+
+def parameter_groups(model: Any, vit_lr: float | None = None, aligner_lr: float | None = None) -> list[Any]:
+    """The trainable parameters as the optimiser takes them.
+
+    Neither vit_lr nor aligner_lr set: one plain list, one group (as before, so older checkpoints'
+    optimiser states still fit). Either set: a named group per part that trains, the language model's
+    first (it takes the optimiser's lr: model.learning_rate, or --optimizer's), then the vision tower
+    (lr vit_lr) and the projector (lr aligner_lr; a None lr is the optimiser's). Weight decay is every
+    group's, and our schedule multiplies each group's own base lr.
+    """
+    if vit_lr is None and aligner_lr is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    from anatomy_lightning.models.families import family_of
+    from anatomy_lightning.models.loading import has_adapter, trainable_by_part
+
+    parts = trainable_by_part(model, family_of(model))
+    lrs = {"vision_tower": vit_lr, "projector": aligner_lr}
+    for part, lr in lrs.items():
+        if lr is not None and not parts[part]:
+            raise ValueError(
+                f"model.{GROUP_LR[part]} = {lr:g}, but no weight of the {part.replace('_', ' ')} trains (frozen by "
+                f"model.freeze_{'vit' if part == 'vision_tower' else 'aligner'}, the default with lora, or no "
+                f"{'adapter' if has_adapter(model) else 'weight'} there); unfreeze it or drop {GROUP_LR[part]}"
+            )
+    groups = []
+    for part, pairs in parts.items():
+        if pairs:
+            group: dict[str, Any] = {"params": [p for _, p in pairs], "name": part}
+            if lrs.get(part) is not None:
+                group["lr"] = lrs[part]
+            groups.append(group)
+    return groups
+
+
 def configure_optimization(
-    params: list[torch.nn.Parameter], *, optimizer: str, learning_rate: float, weight_decay: float,
+    params: list[Any], *, optimizer: str, learning_rate: float, weight_decay: float,
     lr_schedule: str, warmup_steps: int, max_steps: int | None,
     cli_optimizer: dict[str, Any] | None = None, cli_lr_scheduler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Lightning's optimiser dict: ours from the model settings, or the CLI's --optimizer /
-    --lr_scheduler (which replace them, and the log says so); the schedule steps once per optimiser step."""
+    --lr_scheduler (which replace them, and the log says so); the schedule steps once per optimiser step.
+
+    `params`: parameters, or the groups of `parameter_groups` (a group's own lr wins over both optimisers')."""
     from lightning.pytorch.cli import instantiate_class
 
     if cli_optimizer:
@@ -71,10 +110,12 @@ def configure_optimization(
         opt = instantiate_class(params, plain_dict(cli_optimizer))
         log.info(
             "optimizer %s from --optimizer (lr %g); model.optimizer, model.learning_rate and "
-            "model.weight_decay are not used", type(opt).__name__, opt.param_groups[0]["lr"],
+            "model.weight_decay are not used%s", type(opt).__name__, opt.param_groups[0]["lr"], _group_lrs(opt),
         )
     else:
         opt = build_optimizer(optimizer, params, lr=learning_rate, weight_decay=weight_decay)
+        if len(opt.param_groups) > 1:
+            log.info("optimizer parameter groups: %s", _group_lrs(opt).removeprefix("; "))
     if cli_lr_scheduler:
         sched = instantiate_class(opt, plain_dict(cli_lr_scheduler))
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -91,6 +132,12 @@ def configure_optimization(
         lr_factor(warmup, lr_schedule, warmup, max_steps)  # refuse a decay without max_steps now, not at step N
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, lr_schedule, warmup, max_steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _group_lrs(opt: torch.optim.Optimizer) -> str:
+    """"; <group> lr <lr> (<n> tensors)" per named group (nothing for one unnamed group)."""
+    named = [g for g in opt.param_groups if "name" in g]
+    return "".join(f"; {g['name']} lr {g['lr']:g} ({len(g['params'])} tensors)" for g in named)
 
 
 def clip_gradients(opt: torch.optim.Optimizer, clip_val: float | None, algorithm: str) -> float:
@@ -130,13 +177,14 @@ def gradient_settings(
     return int(accumulate_grad_batches), gradient_clip_val or None, algorithm
 
 
-RESUMED_SETTINGS = ("optimizer", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps")
+RESUMED_SETTINGS = ("optimizer", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "vit_lr", "aligner_lr")
 
 
 def apply_resumed_settings(checkpoint: dict[str, Any], hparams: Any, trainer: Any, cli_optimizers: Any = None) -> None:
-    """A resume (`fit --ckpt_path`) whose model.learning_rate / weight_decay / lr_schedule / warmup_steps
-    differ from the checkpoint's applies the new values and says so in one log line; a different
-    model.optimizer is refused (its state cannot feed another optimiser class).
+    """A resume (`fit --ckpt_path`) whose model.learning_rate / weight_decay / lr_schedule / warmup_steps /
+    vit_lr / aligner_lr differ from the checkpoint's applies the new values (each parameter group its own
+    lr) and says so in one log line; a different model.optimizer is refused (its state cannot feed another
+    optimiser class), and so is setting or clearing vit_lr / aligner_lr (the parameter groups would differ).
 
     Called from `on_load_checkpoint`, before Lightning loads the optimiser and scheduler state from this
     same dict: editing the dict is what makes the new values survive that load (it would otherwise
@@ -148,6 +196,16 @@ def apply_resumed_settings(checkpoint: dict[str, Any], hparams: Any, trainer: An
     if not (fitting and states) or cli_optimizers:
         return
     changed = {k: (saved[k], hparams[k]) for k in RESUMED_SETTINGS if k in saved and saved[k] != hparams.get(k)}
+    groups = states[0].get("param_groups", [])
+    grouped = hparams.get("vit_lr") is not None or hparams.get("aligner_lr") is not None
+    if grouped != any("name" in g for g in groups):  # see `parameter_groups`
+        now = ", ".join(f"model.{k} = {_shown(hparams.get(k))}" for k in ("vit_lr", "aligner_lr"))
+        raise ValueError(
+            f"resume: {now}, but the checkpoint's optimizer state has "
+            + ("one parameter group (vit_lr and aligner_lr were null); resume with both null" if grouped else
+               "a group per part (vit_lr or aligner_lr was set); resume with it set")
+            + ", or start a new run (without --ckpt_path)"
+        )
     if not changed:
         return
     if "optimizer" in changed:
@@ -156,16 +214,19 @@ def apply_resumed_settings(checkpoint: dict[str, Any], hparams: Any, trainer: An
             f"resume: model.optimizer is {new} but the checkpoint's optimizer state is {old}'s; resume with "
             f"model.optimizer={old}, or start a new run (without --ckpt_path) to change the optimizer"
         )
-    groups = states[0].get("param_groups", [])
     scheds = checkpoint.get("lr_schedulers") or [{}]
     step = int(scheds[0].get("last_epoch", 0))
     replaced = []
-    if changed.keys() & {"learning_rate", "lr_schedule", "warmup_steps"}:
+    if changed.keys() & {"learning_rate", "lr_schedule", "warmup_steps", "vit_lr", "aligner_lr"}:
         replaced.append("learning rate")
         old_lr, new_lr = float(saved.get("learning_rate", hparams["learning_rate"])), float(hparams["learning_rate"])
         factor = lr_factor(step, hparams["lr_schedule"], max(0, int(hparams["warmup_steps"])), trainer.max_steps)
-        for group in groups:  # groups keep their ratios to model.learning_rate
-            base = new_lr * (group.get("initial_lr", old_lr) / old_lr) if old_lr else new_lr
+        for group in groups:
+            if group.get("name") in GROUP_LR:  # `parameter_groups`: its own lr (vit_lr, aligner_lr) or learning_rate
+                own = GROUP_LR[group["name"]]
+                base = float(hparams[own]) if own is not None and hparams.get(own) is not None else new_lr
+            else:  # groups keep their ratios to model.learning_rate
+                base = new_lr * (group.get("initial_lr", old_lr) / old_lr) if old_lr else new_lr
             group["initial_lr"], group["lr"] = base, base * factor
         if "base_lrs" in scheds[0]:  # LambdaLR recomputes lr = base_lr * factor(step) at each step
             scheds[0]["base_lrs"] = [g["initial_lr"] for g in groups]

@@ -41,16 +41,18 @@ def trained(standin, tmp_path_factory: pytest.TempPathFactory):
             tmp = tmp_path_factory.mktemp(f"export_{kind}")
             family = "gemma3" if kind == "gemma3" else "qwen2.5-vl"
             model = str(standin(family))
-            lora = None if kind == "full" else LORA
+            lora = None if kind.startswith("full") else LORA
             quant = "4bit" if kind == "qlora" else None
+            # the vision-tower knobs change which weights train (full) or carry adapters (LoRA)
+            freeze = {"full_frozen_vit": {"freeze_vit": True}, "lora_vit": {"freeze_vit": False}}.get(kind, {})
             data = write_questions(tmp / "data", 4, images=(1, 2), image_size=standin_image_size(family))
             L.seed_everything(0, verbose=False)  # sampled completions, so whether the step moves the weights, repeat
-            trainer, module, _ = tiny_fit(model, data, tmp, lora=lora, quantization=quant)
+            trainer, module, _ = tiny_fit(model, data, tmp, lora=lora, quantization=quant, **freeze)
             ckpt = tmp / "last.ckpt"
             trainer.save_checkpoint(ckpt)
             config = tmp / "model.yaml"
             config.write_text(yaml.safe_dump({"model": {"model": model, "lora": lora, "dtype": "float32",
-                                                        "quantization": quant}}))
+                                                        "quantization": quant, **freeze}}))
             cache[kind] = (module, config, ckpt)
         return cache[kind]
 
@@ -75,13 +77,15 @@ def _max_logit_diff(module, folder: Path) -> float:
     ("lora", False, {"adapter_config.json", "adapter_model.safetensors"}),
     ("full", False, {"config.json", "model.safetensors"}),
     ("gemma3", True, {"config.json", "model.safetensors"}),
+    ("full_frozen_vit", False, {"config.json", "model.safetensors"}),
+    ("lora_vit", True, {"config.json", "model.safetensors"}),
 ])
 def test_export_round_trip_gives_the_trained_logits(trained, tmp_path: Path, kind: str, merge: bool,
                                                     files: set[str], capsys) -> None:
     module, config, ckpt = trained(kind)
     out = tmp_path / "export"
     result = export([str(config)], str(ckpt), out, merge=merge)
-    assert result.kind == ("full" if kind == "full" else "merged" if merge else "adapter")
+    assert result.kind == ("full" if kind.startswith("full") else "merged" if merge else "adapter")
     written = {p.name for p in out.iterdir()}
     assert files <= written and written & {"preprocessor_config.json", "processor_config.json"}, written
     if merge:

@@ -293,6 +293,94 @@ def test_new_loss_knobs_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
     assert metrics["train/entropy"] > 0
 
 
+NEWER_LOSS_FLAGS = {  # TRL 1.16's newer loss types, each with its own knobs set as a user sets them
+    "cispo": ["--model.epsilon_high=5.0"],  # eps_max (the demo's 0.28 is refused for cispo)
+    "luspo": ["--model.importance_sampling_level=sequence", "--model.delta=1.5"],
+    "sapo": ["--model.sapo_temperature_pos=0.9", "--model.sapo_temperature_neg=1.1"],
+    "vespo": ["--model.vespo_k_pos=1.5", "--model.vespo_lambda_neg=2.5"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", sorted(NEWER_LOSS_FLAGS))
+def test_newer_loss_types_through_the_cli(loss_type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cispo / luspo (+ delta) / sapo / vespo from the command line: the settings arrive, one step
+    moves the policy and logs a finite loss."""
+    start, override = _tiny_fit_setup(tmp_path, monkeypatch)
+    flags = NEWER_LOSS_FLAGS[loss_type]
+    cli = main(["fit", "--config", str(DEMO), "--config", str(override), f"--model.loss_type={loss_type}", *flags,
+                "--data.batch_size=2"])
+    hp = cli.model.hparams
+    assert hp.loss_type == loss_type
+    for flag in flags:
+        key, value = flag.removeprefix("--model.").split("=")
+        assert str(hp[key]) == value, key
+    assert any((p.detach() - start[n]).abs().max() > 0 for n, p in cli.model.policy.named_parameters())
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/")}
+    assert math.isfinite(metrics["train/loss"])
+
+
+def test_bad_newer_loss_settings_fail_up_front_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _exit_message(capsys, "--model.loss_type=sapo", "--model.sapo_temperature_neg=0")
+    assert len(err.strip().splitlines()) == 1
+    assert "model.sapo_temperature_neg = 0.0: must be > 0" in err
+    err = _exit_message(capsys, "--model.loss_type=cispo", "--model.delta=1.1")  # demo: epsilon_high 0.28
+    assert len(err.strip().splitlines()) == 1
+    assert "model.epsilon_high = 0.28: must be >= 1 with model.loss_type = 'cispo'" in err
+    assert "model.delta = 1.1: must be > 1 + model.epsilon_high (1.28)" in err
+    assert "model.delta = 1.1: acts only on loss_type grpo, bnpo, dapo, dr_grpo, luspo" in err
+
+
+@pytest.mark.slow
+def test_estimator_aggregation_soft_overlong_and_ref_sync_through_the_cli(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """rloo + GDPO's normalize_then_sum + the soft_overlong reward + a reference synced after every step, in full
+    fine-tuning, set as a user sets them: the settings arrive, the policy moves and the reference becomes
+    0.6 * policy + 0.4 * reference (TRL's mixup), where the policy trains."""
+    start, override = _tiny_fit_setup(tmp_path, monkeypatch)
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text(yaml.safe_dump({"model": {"rewards": {"tests.support.cli_runs:length_reward": 1.0,
+                                                             "soft_overlong": 0.5}}}))
+    cli = main(["fit", "--config", str(DEMO), "--config", str(override), "--config", str(rewards),
+                "--model.advantage_estimator=rloo", "--model.multi_objective_aggregation=normalize_then_sum",
+                "--model.scale_rewards=null", "--model.soft_cache_length=4", "--model.min_new_tokens=0",
+                "--model.beta=0.04", "--model.sync_ref_model=true", "--model.ref_model_sync_steps=1",
+                "--data.batch_size=2"])
+    model, hp = cli.model, cli.model.hparams
+    assert (hp.advantage_estimator, hp.multi_objective_aggregation, hp.soft_cache_length, hp.soft_max_length,
+            hp.sync_ref_model, hp.ref_model_mixup_alpha, hp.ref_model_sync_steps) == (
+        "rloo", "normalize_then_sum", 4, None, True, 0.6, 1)
+    assert hp.scale_rewards == "none"  # null (the demo says group): rloo's own; normalize_then_sum ignores it
+    assert "soft_overlong" in model.reward_computer.funcs and cli.trainer.global_step == 1
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("train/")}
+    assert -1.0 <= metrics["train/rewards/soft_overlong/mean"] <= 0.0
+    moved = 0
+    for (n, p), (rn, r) in zip(model.policy.named_parameters(), model.reference.named_parameters()):
+        assert n == rn
+        if p.requires_grad:
+            torch.testing.assert_close(r, 0.6 * p.detach() + 0.4 * start[n])
+            moved += int(not torch.equal(r, start[n]))
+        else:
+            assert torch.equal(r, start[n]), n
+    assert moved > 0
+
+
+def test_bad_advantage_and_reference_settings_fail_up_front_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _exit_message(capsys, "--model.advantage_estimator=ppo", "--model.multi_objective_aggregation=gdpo")
+    assert len(err.strip().splitlines()) == 1
+    assert "model.advantage_estimator = 'ppo': must be one of ['grpo', 'rloo', 'reinforce_plus_plus']" in err
+    assert ("model.multi_objective_aggregation = 'gdpo': must be one of ['sum_then_normalize', "
+            "'normalize_then_sum']") in err
+    err = _exit_message(capsys, "--model.sync_ref_model=true", "--model.beta=0", "--model.ref_model_mixup_alpha=1.5",
+                        '--model.rewards={"accuracy": 1.0, "soft_overlong": 1.0}')
+    assert len(err.strip().splitlines()) == 1
+    assert "model.sync_ref_model = True: needs model.beta > 0" in err
+    assert "model.ref_model_mixup_alpha = 1.5: must be in [0, 1]" in err
+    assert "model.soft_cache_length = None: must be set when model.rewards has soft_overlong" in err
+    err = _exit_message(capsys, "--model.sync_ref_model=true", '--model.lora={"r": 4}')
+    assert "model.sync_ref_model = True: full fine-tuning only" in err
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}

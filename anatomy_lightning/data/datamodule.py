@@ -132,6 +132,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
         self.train_questions: list[Question] = []
         self.val_questions: list[Question] = []
         self.test_questions: list[Question] = []
+        self.predict_questions: list[Question] = []
         self.stage_thresholds: list[float] | StageThresholds = []  # see `stages.assign_stages`
         self.scorer: SimilarityScorer | None = None  # the one that scored the questions (kept for the audit)
         self.audit: dict[str, Any] | None = None  # `data.audit.curriculum_audit` of the training questions
@@ -157,6 +158,8 @@ class AnatomyVQADataModule(L.LightningDataModule):
         if not self._prepared:
             self._setup()
             self._prepared = True
+        if stage == "predict":  # read here, so the model's pre-flight measures them before it loads
+            self.predict_questions = self._predict_questions()
         if stage == "test" and not self.test_questions:
             raise DataError(
                 "test: data.test_file is not set, and the validation questions are not a test set (the curriculum "
@@ -338,6 +341,11 @@ class AnatomyVQADataModule(L.LightningDataModule):
         return self._eval_loader(self.test_questions, "test")
 
     def predict_dataloader(self) -> DataLoader:
+        if not self.predict_questions:
+            self.predict_questions = self._predict_questions()
+        return self._eval_loader(self.predict_questions, "predict")
+
+    def _predict_questions(self) -> list[Question]:
         """data.predict_file (labelled questions scored and staged like the test questions; its answers
         are optional: S(q) and the stage need the gold, so unlabelled ones get neither), else the test questions."""
         path = self.hparams.get("predict_file")
@@ -351,7 +359,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
             questions = self.test_questions
         if not questions:
             raise DataError("predict: no questions; set data.predict_file (or data.test_file)")
-        return self._eval_loader(questions, "predict")
+        return questions
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the sampler position and swap in augmented questions (training batches only)."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.grpo.advantages import group_advantages
+from anatomy_lightning.grpo.advantages import GroupAdvantages
 from anatomy_lightning.grpo.rollout import Rollouts
 from anatomy_lightning.grpo.sequences import Rollout
 
@@ -134,6 +134,7 @@ def merge_pieces(
 
 
 Score = Callable[[Rollout, list[Question]], tuple[Tensor, dict[str, Tensor]]]
+Advantages = Callable[[Tensor, dict[str, Tensor]], GroupAdvantages]
 StepBatch = tuple[list[Question], Rollout, Tensor, dict[str, Tensor], Selection]
 
 
@@ -149,15 +150,17 @@ class StepSampler:
     """
 
     def __init__(self, rollouts: Rollouts, score: Score, sampling: dict[str, Any], num_generations: int,
-                 scale_rewards: bool | str, std_tol: float) -> None:
+                 advantages: Advantages) -> None:
         self.rollouts, self.score, self.sampling = rollouts, score, sampling
-        self.G, self.scale_rewards, self.std_tol = num_generations, scale_rewards, std_tol
+        # (rewards, per-function rewards) -> GroupAdvantages with the run's estimator and aggregation,
+        # so that "has signal" here is exactly what the training step computes
+        self.G, self.advantages = num_generations, advantages
 
     def piece(self, questions: list[Question]) -> Piece:
         """Roll out and score `questions`: one Piece of a (dynamically sampled) step."""
         ro = self.rollouts.sample(questions, self.G, **self.sampling)
         rewards, per_fn = self.score(ro, questions)  # NaN where no reward function could score
-        signal = group_advantages(rewards, self.G, scale_rewards=self.scale_rewards, std_tol=self.std_tol)
+        signal = self.advantages(rewards, per_fn)
         return Piece(questions, ro, rewards, per_fn, signal.has_signal.cpu())
 
     def sample(self, batch: list[Question], datamodule: Any, step: int, fresh_rounds: int,

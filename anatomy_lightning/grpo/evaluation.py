@@ -19,7 +19,8 @@ from anatomy_lightning.settings import Rule, SettingsError, plain_dict, range_pr
 
 EVALUATION_RULES: tuple[Rule, ...] = (  # also in the CLI's up-front check (settings_check)
     ("max_new_tokens", lambda v: v >= 1, "an integer >= 1, or null for model.max_new_tokens"),
-    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no text samples)"),
+    ("sample_every_n_steps", lambda v: v >= 0, "an integer >= 0 (0 = no samples)"),
+    ("sample_prompts", lambda v: v >= 1, "an integer >= 1"),
 )
 
 
@@ -30,13 +31,15 @@ class EvaluationSettings:
     Args:
         predictions_file: where `test` / `predict` write their JSONL (default: <log dir>/predictions.jsonl).
         max_new_tokens: completion budget for greedy evaluation (null: model.max_new_tokens).
-        sample_every_n_steps: a text sample (question, gold, completion, reward) in TensorBoard this
-            often during training (0: none).
+        sample_every_n_steps: this often during training, TensorBoard gets samples (0: none): the
+            question with its image(s) and all G completions with rewards and advantages.
+        sample_prompts: prompts (groups) per sample.
     """
 
     predictions_file: str | None = None
     max_new_tokens: int | None = None
     sample_every_n_steps: int = 50
+    sample_prompts: int = 1
 
     def __post_init__(self) -> None:
         problems = range_problems("evaluation.", plain_dict(self), EVALUATION_RULES)  # Python callers too
@@ -96,14 +99,6 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
-
-
-def sample_text(q: Question, completion: str, reward: float) -> str:
-    """A training sample as TensorBoard markdown: question, options, gold, completion, reward."""
-    return (
-        f"**question** {q.question}  \n**options** {' | '.join(q.options)}  \n**gold** {q.answer_letter}. {q.answer_text}  \n"
-        f"**completion** `{completion}`  \n**reward** {reward:.3f}"
-    )
 
 
 def test_banner(trainer: Any, model: str, global_step: int) -> str:

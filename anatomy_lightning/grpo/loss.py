@@ -1,6 +1,8 @@
-"""The GRPO losses as plain tensor functions: k3 KL, the clipped surrogate and every aggregation
-(each picked by name from `LOSS_AGGREGATIONS`), with the metrics a TRL user reads returned as sums
-and counts so that row chunks and ranks combine exactly (`grpo.metrics`).
+"""The GRPO losses as plain tensor functions: k3 KL, the per-token policy term of every `loss_type`
+(picked by name from `POLICY_TERMS`: the clipped surrogate, CISPO, SAPO, VESPO, plain -logp*A) and
+its aggregation (from `LOSS_AGGREGATIONS`), with the metrics a TRL user reads returned as sums and
+counts so that row chunks and ranks combine exactly (`grpo.metrics`). Formulas and defaults follow
+TRL 1.16's `GRPOTrainer._compute_loss` and `GRPOConfig` (checked in tests/grpo/test_loss_trl.py).
 
 Nothing here knows about models or trainers, so every formula is testable with hand-made tensors.
 The only collective calls are in `global_token_count` and `high_entropy_threshold`, and only when
@@ -23,6 +25,8 @@ from anatomy_lightning.distributed import world_size
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "LOSS_AGGREGATIONS",
+    "POLICY_TERMS",
+    "TWO_SIDED_CLIP_LOSS_TYPES",
     "LossOutput",
     "chunk_weight",
     "global_token_count",
@@ -30,6 +34,7 @@ __all__ = [
     "high_entropy_threshold",
     "is_finite_loss",
     "kl_k3",
+    "needs_global_token_count",
 ]
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -127,7 +132,7 @@ class _Norm:
 
 
 def _sequence_mean(per_token: Tensor, mask: Tensor, norm: _Norm) -> Tensor:
-    """Original GRPO: mean over each sequence's tokens, then over sequences with any token."""
+    """Original GRPO (and SAPO): mean over each sequence's tokens, then over sequences with any token."""
     lengths = mask.sum(dim=1)  # (B,)
     per_seq = (per_token * mask).sum(dim=1) / lengths.clamp(min=1)
     valid = (lengths > 0).to(per_seq.dtype)
@@ -140,7 +145,7 @@ def _token_mean(per_token: Tensor, mask: Tensor, norm: _Norm) -> Tensor:
 
 
 def _global_token_mean(per_token: Tensor, mask: Tensor, norm: _Norm) -> Tensor:
-    """DAPO: sum / (tokens of the whole generation batch on all ranks / ranks), as TRL does.
+    """DAPO, CISPO, VESPO: sum / (tokens of the whole generation batch on all ranks / ranks), as TRL does.
 
     DDP averages the gradients over ranks, so the optimised objective is the sum over every
     rank's tokens divided by their global count: each token weighs the same across the world.
@@ -159,13 +164,144 @@ def _constant_normaliser(per_token: Tensor, mask: Tensor, norm: _Norm) -> Tensor
     return (per_token * mask).sum() / (per_token.shape[0] * norm.max_completion_length)
 
 
+def _row_sum_mean(per_token: Tensor, mask: Tensor, norm: _Norm) -> Tensor:
+    """LUSPO: each sequence's token sum (its loss scaled by its length), mean over every row."""
+    return (per_token * mask).sum(dim=1).mean()
+
+
 LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, _Norm], Tensor]] = {
     "grpo": _sequence_mean,
     "bnpo": _token_mean,
     "dapo": _global_token_mean,
     "dr_grpo": _constant_normaliser,
     "gpg": _token_mean,  # then times alpha, in grpo_loss (the Anatomy-R1 authors' aggregation)
+    "cispo": _global_token_mean,
+    "sapo": _sequence_mean,
+    "luspo": _row_sum_mean,
+    "vespo": _global_token_mean,
 }
+
+
+def needs_global_token_count(loss_type: str) -> bool:
+    """Whether `loss_type` normalises by the whole generation batch's tokens (dapo, cispo, vespo):
+    then pass `global_token_count(mask)` as `num_items_in_batch` to `grpo_loss` and `chunk_weight`."""
+    return LOSS_AGGREGATIONS.get(loss_type) is _global_token_mean
+
+
+# --- the per-token policy term of each loss_type ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Knobs:
+    """The loss-type settings, with TRL's names and defaults (`GRPOConfig`)."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # cispo: eps_max, the cap on the ratio itself (ScaleRL: 5.0)
+    delta: float | None = None  # two-sided clipping: cap of the unclipped ratio (None = off)
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+
+@dataclass
+class _PolicyTerm:
+    """A policy term per token (broadcastable to (B, T)) and what it reports.
+
+    `low` / `high`: hard-clip flags shaped like the ratio (TRL's clip_ratio/*); `extra`: further
+    metrics as (values, one value per row?) to average like TRL's `global_masked_mean`.
+    """
+
+    per_token: Tensor
+    low: Tensor | None = None
+    high: Tensor | None = None
+    extra: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _TermInputs:
+    """What a policy term may read. lp, log_ratio, mask: (B, T), 0 on padding; adv: (B, 1);
+    ratio: the importance ratio at the chosen level, (B, T) or (B, 1) for "sequence"."""
+
+    lp: Tensor
+    log_ratio: Tensor  # token-level log(pi / pi_old), whatever the importance sampling level
+    ratio: Tensor
+    adv: Tensor
+    mask: Tensor
+    sequence_level: bool
+
+
+def _clipped_surrogate(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
+    """-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A), r capped at `delta` in the first term when set
+    (INTELLECT-2's two-sided clipping, verl's clip_ratio_c)."""
+    clipped = x.ratio.clamp(1 - k.epsilon_low, 1 + k.epsilon_high)
+    ratio = x.ratio if k.delta is None else x.ratio.clamp(max=k.delta)
+    return _PolicyTerm(
+        -torch.minimum(ratio * x.adv, clipped * x.adv),
+        low=(ratio < 1 - k.epsilon_low) & (x.adv < 0),
+        high=(ratio > 1 + k.epsilon_high) & (x.adv > 0),
+    )
+
+
+def _policy_gradient(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
+    """gpg: -logp*A, no ratio, no clip (the Anatomy-R1 authors' trainer)."""
+    return _PolicyTerm(-x.lp * x.adv)
+
+
+def _cispo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
+    """CISPO (MiniMax-M1): -sg(min(r, eps_max))*A*logp, eps_max = epsilon_high; the weight is
+    clipped, never the gradient. A capped ratio with A > 0 counts as clip_ratio/high (and
+    TRL's cispo_clip_ratio)."""
+    high = (x.ratio > k.epsilon_high) & (x.adv > 0)
+    per_token = -x.ratio.clamp(max=k.epsilon_high).detach() * x.adv * x.lp
+    return _PolicyTerm(per_token, high=high, extra={"cispo_clip_ratio": (high, x.sequence_level)})
+
+
+def _sapo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
+    """SAPO: -sigmoid(tau*(r-1))*4/tau*A, tau = sapo_temperature_pos where A > 0, else _neg: a
+    soft gate whose gradient is r*A at r = 1 and fades off-policy (nothing is hard-clipped)."""
+    tau = _by_sign(x.adv > 0, k.sapo_temperature_pos, k.sapo_temperature_neg, x.ratio)
+    return _PolicyTerm(-torch.sigmoid(tau * (x.ratio - 1)) * 4 / tau * x.adv)
+
+
+def _by_sign(condition: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
+    """Per row: `if_true` where `condition`, else `if_false`, in `like`'s dtype (TRL's torch.where on
+    two floats rounds them to float32: 1.05 becomes 1.0499999523, 5e-8 off in float64)."""
+    return torch.where(condition, like.new_tensor(if_true), like.new_tensor(if_false))
+
+
+_LOG_W_MIN = math.log(1e-8)
+
+
+def _vespo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
+    """VESPO: -sg(phi(w))*A*logp, w = exp(sum_t log r_t) per sequence (token log-ratios clamped to
+    [-20, 20], log w to [ln 1e-8, 20]), phi(w) = exp(lam + kk*ln w - lam*w) (phi(1) = 1; kk, lam =
+    vespo_k_pos / vespo_lambda_pos where A >= 0, else _neg; lam >= 1e-4)."""
+    with torch.no_grad():
+        log_w = (x.log_ratio.clamp(-20.0, 20.0) * x.mask).sum(1, keepdim=True).clamp(_LOG_W_MIN, 20.0)
+        nonneg = x.adv >= 0
+        kk = _by_sign(nonneg, k.vespo_k_pos, k.vespo_k_neg, log_w)
+        lam = _by_sign(nonneg, k.vespo_lambda_pos, k.vespo_lambda_neg, log_w).clamp(min=1e-4)
+        phi = torch.exp(lam + kk * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return _PolicyTerm(-phi * x.adv * x.lp, extra={"vespo/phi_seq_mean": (phi, True)})
+
+
+POLICY_TERMS: dict[str, Callable[[_TermInputs, _Knobs], _PolicyTerm]] = {
+    "grpo": _clipped_surrogate,
+    "bnpo": _clipped_surrogate,
+    "dapo": _clipped_surrogate,
+    "dr_grpo": _clipped_surrogate,
+    "luspo": _clipped_surrogate,
+    "gpg": _policy_gradient,
+    "cispo": _cispo,
+    "sapo": _sapo,
+    "vespo": _vespo,
+}
+assert POLICY_TERMS.keys() == LOSS_AGGREGATIONS.keys()
+# the loss types `delta` acts on (TRL ignores it for the others)
+TWO_SIDED_CLIP_LOSS_TYPES = tuple(t for t, f in POLICY_TERMS.items() if f is _clipped_surrogate)
 
 
 def _gpg_alpha(has_signal: Tensor | None, group_size: int | None, batch: int) -> float:
@@ -235,15 +371,31 @@ def grpo_loss(
     entropy_threshold: float | Tensor | None = None,
     num_items_in_batch: float | Tensor | None = None,
     num_processes: int | None = None,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> LossOutput:
     """The GRPO objective for one batch (or row chunk) of completions, to minimise.
 
-    Per token: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*k3, with rho = 1 (but the
-    gradient of logp) when `old_logp` is None, i.e. one update per generation. "gpg" uses
-    -logp*A instead (no ratio, no clip), takes the token mean over the batch and multiplies it by
-    alpha, as the Anatomy-R1 authors' trainer does. All tensors (B, T) over completion tokens
-    except `advantages` (B,); `mask` is 1 on real completion tokens. The options follow TRL's
-    `GRPOConfig` names and semantics:
+    Per token: policy term + beta*k3, then aggregated as `LOSS_AGGREGATIONS[loss_type]` says. The
+    policy term (`POLICY_TERMS[loss_type]`, rho = 1 but the gradient of logp when `old_logp` is
+    None, i.e. one update per generation):
+
+    - grpo, bnpo, dapo, dr_grpo, luspo: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), with rho
+      capped at `delta` in the first term when `delta` is set (two-sided clipping);
+    - cispo: -sg(min(rho, epsilon_high))*A*logp (epsilon_high is CISPO's eps_max);
+    - sapo: -sigmoid(tau*(rho-1))*4/tau*A, tau = `sapo_temperature_pos` if A > 0 else `_neg`;
+    - vespo: -sg(phi(w))*A*logp, w the sequence's product of token ratios, phi the gamma weight
+      exp(lam + k*ln w - lam*w) with `vespo_k_*` / `vespo_lambda_*` by the sign of A;
+    - gpg: -logp*A (no ratio, no clip), token mean over the batch times alpha, as the Anatomy-R1
+      authors' trainer does.
+
+    All tensors (B, T) over completion tokens except `advantages` (B,); `mask` is 1 on real
+    completion tokens. The options follow TRL's `GRPOConfig` names, defaults and semantics:
 
     - `importance_sampling_level="sequence"` (GSPO): one ratio per sequence, exp of the mean token
       log-ratio, clipped as a whole.
@@ -251,15 +403,16 @@ def grpo_loss(
     - `top_entropy_quantile` rho < 1: only tokens whose `entropy` is in the top rho quantile keep
       their policy loss (the KL term stays on every token). The threshold is taken over these rows
       unless `entropy_threshold` gives one (`high_entropy_threshold` over a micro-batch and ranks).
-    - `num_items_in_batch`: for "dapo", the live-token count of the whole generation batch over all
-      ranks (`global_token_count`); `num_processes` defaults to the torch.distributed world size.
+    - `num_items_in_batch`: for "dapo", "cispo" and "vespo", the live-token count of the whole
+      generation batch over all ranks (`global_token_count`); `num_processes` defaults to the
+      torch.distributed world size.
     """
     _check_options(loss_type, importance_sampling_level, top_entropy_quantile, entropy, entropy_threshold)
     _check_shapes(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy)
     world = world_size() if num_processes is None else num_processes
-    if loss_type == "dapo" and num_items_in_batch is None and world > 1:
+    if needs_global_token_count(loss_type) and num_items_in_batch is None and world > 1:
         raise ValueError(
-            f"loss_type 'dapo' on {world} processes needs num_items_in_batch, the token count of "
+            f"loss_type {loss_type!r} on {world} processes needs num_items_in_batch, the token count of "
             "the whole generation batch: pass global_token_count(mask) computed on every rank"
         )
     live = mask.bool()
@@ -272,16 +425,15 @@ def grpo_loss(
     zero = torch.zeros_like(logp)
     lp = torch.where(live, logp, zero)
     old = lp.detach() if old_logp is None else torch.where(live, old_logp.to(logp.dtype), zero)
-    log_ratio = lp - old  # (B, T); 0 on padding
+    token_log_ratio = lp - old  # (B, T); 0 on padding
+    log_ratio = token_log_ratio
     if sequence_level:
         log_ratio = (log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)  # (B, T) or (B, 1)
-    if loss_type == "gpg":
-        per_token = -lp * adv
-    else:
-        clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-        per_token = -torch.minimum(ratio * adv, clipped * adv)
-    per_token = per_token.expand_as(lp)
+    knobs = _Knobs(epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg,
+                   vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+    term = POLICY_TERMS[loss_type](_TermInputs(lp, token_log_ratio, ratio, adv, m, sequence_level), knobs)
+    per_token = term.per_token.expand_as(lp)
 
     ent = None if entropy is None else torch.where(live, entropy.detach().to(logp.dtype), zero)
     if ent is not None and (top_entropy_quantile < 1.0 or entropy_threshold is not None):
@@ -318,11 +470,14 @@ def grpo_loss(
         if ent is not None:
             out.sums["entropy"], out.counts["entropy"] = float((ent * m).sum()), n_tok
         if loss_type == "gpg":
-            low = high = torch.zeros_like(live)
             out.metrics["alpha"] = alpha
-        else:
-            low = (ratio < 1 - epsilon_low) & (adv < 0)
-            high = (ratio > 1 + epsilon_high) & (adv > 0)
+        unflagged = torch.zeros_like(ratio, dtype=torch.bool)  # soft or no clipping: none clipped
+        low = unflagged if term.low is None else term.low
+        high = unflagged if term.high is None else term.high
+        for tag, (values, per_row) in term.extra.items():  # TRL's global_masked_mean
+            v = values.to(m.dtype)
+            out.sums[tag] = float(v.sum() if per_row else (v * m).sum())
+            out.counts[tag] = float(v.shape[0]) if per_row else n_tok
         if sequence_level:  # TRL: a sequence-level flag counts once per row
             weight, denom = torch.ones_like(adv), float(adv.shape[0])
             low, high = low.expand_as(adv), high.expand_as(adv)
@@ -368,23 +523,40 @@ def chunk_weight(
 
     Summing `chunk_weight * grpo_loss(chunk)` over group-aligned chunks equals `grpo_loss(batch)`,
     so the training pass can run forward + backward chunk by chunk (activation memory of one
-    chunk) and still optimise exactly the full-batch objective of every `loss_type`. For "dapo"
-    pass the same `num_items_in_batch` as to `grpo_loss`: the normaliser is then already global
-    and the weight is 1.
+    chunk) and still optimise exactly the full-batch objective of every `loss_type`. For "dapo",
+    "cispo" and "vespo" pass the same `num_items_in_batch` as to `grpo_loss`: the normaliser is
+    then already global and the weight is 1.
     """
-    if loss_type == "grpo":
-        n_chunk = int((mask_chunk.sum(1) > 0).sum())
-        n_full = int((mask_full.sum(1) > 0).sum())
-        return n_chunk / max(1, n_full)
-    if loss_type == "dapo" and num_items_in_batch is not None:
+    aggregation = LOSS_AGGREGATIONS.get(loss_type)
+    if aggregation is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    if aggregation is _global_token_mean and num_items_in_batch is not None:
         return 1.0
-    if loss_type in ("bnpo", "dapo", "gpg"):
-        w = float(mask_chunk.sum()) / max(1.0, float(mask_full.sum()))
-        if loss_type == "gpg" and has_signal_chunk is not None and has_signal_full is not None:
-            alpha_full = has_signal_full.numel() / max(1, int(has_signal_full.sum()))
-            alpha_chunk = has_signal_chunk.numel() / max(1, int(has_signal_chunk.sum()))
-            w *= alpha_full / alpha_chunk
-        return w
-    if loss_type == "dr_grpo":
-        return mask_chunk.shape[0] / mask_full.shape[0]
-    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    w = _CHUNK_SHARES[aggregation](mask_chunk, mask_full)
+    if loss_type == "gpg" and has_signal_chunk is not None and has_signal_full is not None:
+        alpha_full = has_signal_full.numel() / max(1, int(has_signal_full.sum()))
+        alpha_chunk = has_signal_chunk.numel() / max(1, int(has_signal_chunk.sum()))
+        w *= alpha_full / alpha_chunk
+    return w
+
+
+def _share_of_rows_with_tokens(chunk: Tensor, full: Tensor) -> float:
+    return int((chunk.sum(1) > 0).sum()) / max(1, int((full.sum(1) > 0).sum()))
+
+
+def _share_of_tokens(chunk: Tensor, full: Tensor) -> float:
+    return float(chunk.sum()) / max(1.0, float(full.sum()))
+
+
+def _share_of_rows(chunk: Tensor, full: Tensor) -> float:
+    return chunk.shape[0] / full.shape[0]
+
+
+# aggregation -> the chunk's share of the batch's normaliser (what its own normaliser lacks)
+_CHUNK_SHARES: dict[Callable[[Tensor, Tensor, _Norm], Tensor], Callable[[Tensor, Tensor], float]] = {
+    _sequence_mean: _share_of_rows_with_tokens,
+    _token_mean: _share_of_tokens,
+    _global_token_mean: _share_of_tokens,  # without num_items_in_batch: the local token mean
+    _constant_normaliser: _share_of_rows,
+    _row_sum_mean: _share_of_rows,
+}

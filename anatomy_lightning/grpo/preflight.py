@@ -166,8 +166,9 @@ def check_prompts(questions: list[Question], report: PromptReport, limit: int | 
     )
 
 
-# stage -> the DataModule lists its questions come from (predict reads its file in its dataloader)
-STAGE_SPLITS = {"fit": ("train_questions", "val_questions"), "validate": ("val_questions",), "test": ("test_questions",)}
+# stage -> the DataModule lists its questions come from
+STAGE_SPLITS = {"fit": ("train_questions", "val_questions"), "validate": ("val_questions",),
+                "test": ("test_questions",), "predict": ("predict_questions",)}
 
 
 def load_processor(model: str, min_pixels: int | None, max_pixels: int | None) -> tuple[Any, ModelFamily, Any]:

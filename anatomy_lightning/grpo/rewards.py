@@ -37,6 +37,7 @@ __all__ = [
     "format_reward",
     "resolve_reward_function",
     "reward_metrics",
+    "soft_overlong_reward",
 ]
 
 RewardFunction = Callable[..., Sequence[Any]]
@@ -172,10 +173,44 @@ def format_reward(completions: list[str], questions: list[Question], **kwargs: A
     ]
 
 
+def soft_overlong_reward(
+    completions: list[str], questions: list[Question], completion_ids: Sequence[Sequence[int]] | None = None,
+    soft_max_length: int | None = None, soft_cache_length: int | None = None, **kwargs: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Eq. 13; TRL's `get_soft_overlong_punishment`, ms-swift's
+    `soft_overlong`): with L = len(completion_ids[i]) tokens (end-of-turn token included, as TRL
+    counts), L_max = `soft_max_length` and L_cache = `soft_cache_length`,
+
+        0                                  if L <= L_max - L_cache
+        ((L_max - L_cache) - L) / L_cache  if L_max - L_cache < L <= L_max
+        -1                                 if L > L_max
+
+    It only punishes length, never rewards brevity. `GRPOModule` passes the three keyword arguments
+    (`model.soft_max_length`, default model.max_new_tokens, and `model.soft_cache_length`).
+    ms-swift's version keeps falling linearly past L_max instead of stopping at -1; the two agree
+    whenever L_max is max_new_tokens (no completion is longer).
+    """
+    _check_lengths(completions, questions)
+    if completion_ids is None or soft_max_length is None or soft_cache_length is None:
+        raise ValueError(
+            "soft_overlong needs completion_ids, soft_max_length and soft_cache_length (GRPOModule passes them; "
+            "set model.soft_cache_length)"
+        )
+    if len(completion_ids) != len(completions):
+        raise ValueError(f"{len(completion_ids)} completion_ids for {len(completions)} completions")
+    start = soft_max_length - soft_cache_length  # the punishment starts after this many tokens
+    out = []
+    for ids in completion_ids:
+        n = len(ids)
+        out.append(0.0 if n <= start else (start - n) / soft_cache_length if n <= soft_max_length else -1.0)
+    return out
+
+
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "accuracy": accuracy_reward,
     "option_text": option_text_reward,
     "format": format_reward,
+    "soft_overlong": soft_overlong_reward,
 }
 
 

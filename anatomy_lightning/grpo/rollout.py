@@ -109,8 +109,11 @@ def rollout_logprobs(
 
 
 def vision_frozen(model: Any, family: ModelFamily | None = None) -> bool:
-    """True when the rollout's image features serve every forward of the step (fast path, vision
-    tower neither trained nor adapted); the generic path re-encodes images in every forward."""
+    """True when the rollout's image features serve every forward of the step: the fast path, and no
+    weight of the vision side gets a gradient or carries an adapter -- neither the tower
+    (`model.freeze_vit`) nor the projector (`model.freeze_aligner`: the features are the merger's
+    output). So with LoRA's defaults, and in full fine-tuning with both frozen; a trained merger
+    alone makes it false. The generic path re-encodes images in every forward."""
     family = family or _family_or_none(model)
     return family is not None and family.fast_path and fast_path.vision_frozen(model)
 

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from anatomy_lightning.grpo.advantages import GroupAdvantages
-from anatomy_lightning.grpo.loss import LossOutput, chunk_weight, global_token_count, grpo_loss, high_entropy_threshold
+from anatomy_lightning.grpo.loss import (
+    LossOutput,
+    chunk_weight,
+    global_token_count,
+    grpo_loss,
+    high_entropy_threshold,
+    needs_global_token_count,
+)
 from anatomy_lightning.grpo.rollout import rollout_logprobs
 from anatomy_lightning.grpo.sequences import Rollout
 
@@ -31,7 +38,7 @@ class UpdateBatch:
     mask: Tensor  # (B, C) tokens in the loss
     ref_logp: Tensor | None  # reference log-probs (None when beta = 0)
     old_logp: Tensor | None  # the policy before this step's update (None when mu = 1)
-    num_items: Tensor | None  # dapo: tokens of the whole generation batch over every rank
+    num_items: Tensor | None  # dapo, cispo, vespo: tokens of the whole generation batch over every rank
     reuse_images: bool  # the rollout's image features are valid for the policy forward
 
 
@@ -40,7 +47,7 @@ def prepare_update(
     hp: Mapping[str, Any], policy: Any, reference: AbstractContextManager[Any], reference_is_copy: bool,
     ro: Rollout, completion_inputs: Tensor, adv: GroupAdvantages, mask: Tensor, vision_frozen: bool,
 ) -> UpdateBatch:
-    """Reference and old log-probs (no grad) and the dapo token count, once per rollout.
+    """Reference and old log-probs (no grad) and the global token count (dapo, cispo, vespo), once per rollout.
 
     The rollout's image features were made by the policy before this step's update: valid for the
     old policy, and for the training forward and the adapter-off reference if the tower is frozen.
@@ -54,7 +61,7 @@ def prepare_update(
     if hp["num_iterations"] > 1:
         old_logp = rollout_logprobs(policy, ro, completion_inputs, temperature=hp["temperature"],
                                     batch_size=hp["logprob_batch_size"])
-    num_items = global_token_count(mask) if hp["loss_type"] == "dapo" else None  # every rank calls it
+    num_items = global_token_count(mask) if needs_global_token_count(hp["loss_type"]) else None  # every rank calls it
     return UpdateBatch(ro, completion_inputs, adv, mask, ref_logp, old_logp, num_items, vision_frozen)
 
 
@@ -79,6 +86,10 @@ def chunk_losses(hp: Mapping[str, Any], policy: Any, batch: UpdateBatch) -> Iter
             importance_sampling_level=hp["importance_sampling_level"],
             use_bias_correction_kl=hp["use_bias_correction_kl"], entropy=ent,
             top_entropy_quantile=quantile, entropy_threshold=thr, num_items_in_batch=n_items,
+            delta=hp["delta"], sapo_temperature_pos=hp["sapo_temperature_pos"],
+            sapo_temperature_neg=hp["sapo_temperature_neg"], vespo_k_pos=hp["vespo_k_pos"],
+            vespo_lambda_pos=hp["vespo_lambda_pos"], vespo_k_neg=hp["vespo_k_neg"],
+            vespo_lambda_neg=hp["vespo_lambda_neg"],
         )
         yield out, chunk_weight(hp["loss_type"], mask[rows], mask, adv.has_signal[groups], adv.has_signal,
                                 num_items_in_batch=n_items)
@@ -99,3 +110,28 @@ def backward_chunks(
         total += out.loss.item() * w
         outs.append(out)
     return total, outs
+
+
+@torch.no_grad()
+def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> int:
+    """TR-DPO's reference update, as TRL's `SyncRefModelCallback` does it (`sync_ref_model`):
+    ref = alpha * policy + (1 - alpha) * ref, parameter by parameter, in place. Returns how many
+    tensors were mixed.
+
+    Only the policy's trainable parameters are mixed: a frozen one (e.g. the vision tower) is the same
+    in both models, where the mixup would change nothing but float rounding. So the reference differs
+    from its initial weights only where the policy trains, and a checkpoint needs only those.
+    """
+    mixed = 0
+    for (rn, r), (pn, p) in zip(reference.named_parameters(), policy.named_parameters(), strict=True):
+        if rn != pn:
+            raise ValueError(f"reference and policy parameters do not line up ({rn} vs {pn})")
+        if p.requires_grad:
+            r.mul_(1.0 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
+            mixed += 1
+    return mixed
+
+
+def sync_due(step: int, every: int) -> bool:
+    """TRL's schedule: after the optimiser step that makes `step` (1-based) a multiple of `every`."""
+    return step > 0 and step % every == 0

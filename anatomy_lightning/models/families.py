@@ -2,8 +2,9 @@
 
 Rollout, loading, the module and the warm start ask the family of the loaded model for what differs
 between vision-language models: which token ids are image placeholders, where an assistant turn
-ends, how the processor takes images, which modules LoRA targets and 4-bit leaves alone, how pixel
-bounds are written, and whether the fast rollout path applies.
+ends, how the processor takes images, which modules LoRA targets and 4-bit leaves alone, where the
+vision tower and the projector are (`model.freeze_vit` / `freeze_aligner`, `vit_lr` / `aligner_lr`), how
+pixel bounds are written, and whether the fast rollout path applies.
 
 Token ids are always read from the model's own config, processor and generation config; the only
 strings here are each family's end-of-turn token, a fallback for checkpoints whose generation
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,10 @@ class ModelFamily:
     fast_path: bool
     language_layers: str  # regex of the language model's decoder layers, e.g. r"model\.language_model\.layers"
     unquantized: tuple[str, ...]  # module name prefixes kept out of 4-bit/8-bit (vision tower, projector)
+    # ms-swift's `vision_tower` and `aligner`: name prefixes of the image (and audio) encoder and of what maps
+    # its features into the language model. A name under both (Qwen's `visual.merger`) is the projector's.
+    vision_tower: tuple[str, ...]
+    projector: tuple[str, ...]
     end_of_turn: tuple[str, ...]  # the assistant turn's end token(s), if the generation config lacks them
     nested_images: bool  # the processor wants one image list per prompt (a list of lists for a batch)
     pixel_bounds: str  # "qwen" (min/max pixels as shortest/longest_edge), "longest_edge", "fixed"
@@ -63,6 +69,25 @@ class ModelFamily:
     def vision_module_regex(self) -> str:
         """peft `exclude_modules` pattern keeping a plain target name list off the vision side."""
         return r"(" + "|".join(p.replace(".", r"\.") for p in self.unquantized) + r")\..*"
+
+    # -- vision tower / projector / language model -------------------------------------------
+    def part_of(self, name: str) -> str:
+        """Which part a parameter or module name (of the model without its peft wrapper) belongs to:
+        "projector", "vision_tower" or "language_model" (everything else: the decoder, embeddings, lm_head)."""
+        if _under(name, self.projector):
+            return "projector"
+        return "vision_tower" if _under(name, self.vision_tower) else "language_model"
+
+    def part_regex(self, part: str) -> str:
+        """A regex whose fullmatch is `part_of(name) == part`, for peft's `exclude_modules`."""
+        proj, vision = _alternatives(self.projector), _alternatives(self.vision_tower + self.projector)
+        if part == "projector":
+            return rf"{proj}(\..*)?"
+        if part == "vision_tower":
+            return rf"(?!{proj}(\.|$)){_alternatives(self.vision_tower)}(\..*)?"
+        if part == "language_model":
+            return rf"(?!{vision}(\.|$)).*"
+        raise ValueError(f"part {part!r} is not one of {PARTS}")
 
     # -- tokens ------------------------------------------------------------------------------
     def vision_token_ids(self, model: Any, processor: Any) -> list[int]:
@@ -152,8 +177,22 @@ def _unwrap(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-_QWEN = dict(
+PARTS = ("language_model", "vision_tower", "projector")  # `ModelFamily.part_of`'s answers
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _alternatives(prefixes: tuple[str, ...]) -> str:
+    return "(" + "|".join(re.escape(p) for p in prefixes) + ")"
+
+
+_QWEN = dict(  # `visual` alone: checkpoints of the older layout, with the tower beside `model`
     language_layers=r"model\.language_model\.layers", unquantized=("model.visual", "visual"),
+    vision_tower=("model.visual", "visual"),
+    # the patch merger; Qwen3-VL adds the deepstack mergers, which feed features into early decoder layers
+    projector=tuple(f"{v}.{m}" for v in ("model.visual", "visual") for m in ("merger", "deepstack_merger_list")),
     end_of_turn=("<|im_end|>",), nested_images=False, pixel_bounds="qwen", positions_from_mask=False,
 )
 
@@ -167,26 +206,33 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "gemma3", ("gemma3",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.multi_modal_projector"), end_of_turn=("<end_of_turn>",),
         nested_images=True, pixel_bounds="fixed",
+        vision_tower=("model.vision_tower",), projector=("model.multi_modal_projector",),
     ),
     ModelFamily(
         "gemma4", ("gemma4",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"),
         end_of_turn=("<turn|>",), nested_images=True, pixel_bounds="fixed",
+        # as in ms-swift, the audio encoder counts as "vit" and its embedder as an aligner
+        vision_tower=("model.vision_tower", "model.audio_tower"), projector=("model.embed_vision", "model.embed_audio"),
     ),
     ModelFamily(  # also SmolVLM checkpoints
         "idefics3", ("idefics3", "smolvlm"), fast_path=False, language_layers=r"model\.text_model\.layers",
         unquantized=("model.vision_model", "model.connector"), end_of_turn=("<end_of_utterance>",),
         nested_images=True, pixel_bounds="longest_edge",
+        vision_tower=("model.vision_model",), projector=("model.connector",),
     ),
     ModelFamily(
         "llava-onevision", ("llava_onevision",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.multi_modal_projector"), end_of_turn=("<|im_end|>",),
         nested_images=False, pixel_bounds="fixed",
+        # image_newline: the learned vector appended to each row of projected image features
+        vision_tower=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
     ),
     ModelFamily(
         "internvl", ("internvl",), fast_path=False, language_layers=r"model\.language_model\.layers",
         unquantized=("model.vision_tower", "model.multi_modal_projector"), end_of_turn=("<|im_end|>",),
         nested_images=True, pixel_bounds="fixed",
+        vision_tower=("model.vision_tower",), projector=("model.multi_modal_projector",),
     ),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}

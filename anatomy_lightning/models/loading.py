@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
+from anatomy_lightning.models.families import PARTS, ModelFamily, family_for_type, family_of
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 @dataclass
 class LoraSettings:
-    """LoRA on the language model's attention and MLP projections (the vision tower stays frozen).
+    """LoRA adapters. Where they go is `target_modules` together with the module's `freeze_vit`,
+    `freeze_aligner` and `freeze_llm` (ms-swift's keys; `resolve_frozen` gives their defaults).
 
-    target_modules: None (the family's language-model projections), a regex matched against full
-    module names, or a list of module names; a list is kept off the vision side unless
-    include_vision is true.
+    target_modules: None (every linear layer of each part that is not frozen; by default the
+    language model's attention and MLP projections only, as before), a regex matched against full
+    module names (it alone picks the modules: the freeze keys stay unset), or a list of module
+    names, kept off the frozen parts (by default the vision tower and the projector).
+    include_vision: the older key for "a list target may match the vision side too"; with a list it
+    makes freeze_vit and freeze_aligner default to false (with no list it changes nothing, as before).
     """
 
     r: int = 16
@@ -55,16 +59,97 @@ class LoraSettings:
         checkpoint's hyperparameters, `true`, Python); see `anatomy_lightning.settings`."""
         return coerce_settings(cls, value, "model.lora")
 
-    def to_peft(self, family: ModelFamily) -> Any:
+    def to_peft(self, family: ModelFamily, model: Any = None, *, freeze_vit: bool | None = None,
+                freeze_aligner: bool | None = None, freeze_llm: bool = False) -> Any:
+        """peft's LoraConfig. `model` (the transformers model) is needed when the default target
+        reaches the vision tower or the projector: their linear layers are read from it."""
         from peft import LoraConfig
 
-        target: Any = self.target_modules if self.target_modules is not None else family.lora_target_regex
-        exclude = None if self.include_vision or isinstance(target, str) else family.vision_module_regex()
-        target = target if isinstance(target, str) else list(target)
+        frozen = _frozen_parts(*resolve_frozen(freeze_vit, freeze_aligner, self), freeze_llm)
+        target: Any = self.target_modules
+        exclude = None
+        if target is None:
+            target = _default_lora_target(family, model, frozen)
+        elif not isinstance(target, str):  # a name list, kept off the frozen parts
+            target = list(target)
+            exclude = "|".join(f"({family.part_regex(part)})" for part in frozen) or None
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target,
             exclude_modules=exclude, bias="none", task_type="CAUSAL_LM",
         )
+
+
+def resolve_frozen(freeze_vit: bool | None, freeze_aligner: bool | None, lora: Any) -> tuple[bool, bool]:
+    """(freeze_vit, freeze_aligner) with None replaced by the mode's default.
+
+    Full fine-tuning (`lora` None): false, every weight trains, as before (ms-swift's default is true).
+    LoRA: true, adapters on the language model only (ms-swift's default), except for a target list
+    with the older `lora.include_vision: true`, which keeps meaning "the list may match the vision side".
+    """
+    lora = LoraSettings.coerce(lora)
+    listed = lora is not None and lora.target_modules is not None and not isinstance(lora.target_modules, str)
+    default = lora is not None and not (listed and lora.include_vision)
+    return (default if freeze_vit is None else bool(freeze_vit),
+            default if freeze_aligner is None else bool(freeze_aligner))
+
+
+def _frozen_parts(freeze_vit: bool, freeze_aligner: bool, freeze_llm: bool) -> list[str]:
+    return [part for part, frozen in zip(PARTS, (freeze_llm, freeze_vit, freeze_aligner)) if frozen]
+
+
+def _default_lora_target(family: ModelFamily, model: Any, frozen: list[str]) -> str:
+    """The language model's projections (unless frozen) and every linear layer of the vision parts
+    that are not frozen, as one regex (just `family.lora_target_regex` by default)."""
+    patterns = [] if "language_model" in frozen else [family.lora_target_regex]
+    for part in ("vision_tower", "projector"):
+        if part in frozen:
+            continue
+        if model is None:
+            raise TypeError(f"LoRA on the {part.replace('_', ' ')} reads its linear layers from the model: "
+                            "pass it, to_peft(family, model, ...)")
+        found = _linear_patterns(model, family, part)
+        if not found:
+            log.warning("%s: the %s has no linear layer, so LoRA puts no adapter there", family.name,
+                        part.replace("_", " "))
+        patterns += found
+    if not patterns:
+        raise ValueError("model.freeze_llm with the vision tower and projector frozen too: LoRA has nothing to adapt")
+    return patterns[0] if len(patterns) == 1 else "|".join(f"({p})" for p in patterns)
+
+
+def _linear_patterns(model: Any, family: ModelFamily, part: str) -> list[str]:
+    """Regexes (fullmatch) naming exactly the linear layers of `part`: one per layer path, with block
+    indices written as \\d+ where that names linear layers only, else the names themselves."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    linear = {n for n, m in modules.items() if isinstance(m, nn.Linear) and family.part_of(n) == part}
+    grouped: dict[str, list[str]] = {}
+    for name in sorted(linear):
+        grouped.setdefault(re.sub(r"\\\.\d+(?=\\\.|$)", lambda _: r"\.\d+", re.escape(name)), []).append(name)
+    patterns = []
+    for pattern, names in grouped.items():
+        exact = all(n in linear for n in modules if re.fullmatch(pattern, n))
+        patterns += [pattern] if exact else [re.escape(n) for n in names]
+    return patterns
+
+
+def freeze_parts(model: nn.Module, family: ModelFamily, *, freeze_vit: bool, freeze_aligner: bool,
+                 freeze_llm: bool = False) -> None:
+    """Full fine-tuning: stop the gradients of the frozen parts (`ModelFamily.part_of`)."""
+    frozen = set(_frozen_parts(freeze_vit, freeze_aligner, freeze_llm))
+    for name, param in model.named_parameters() if frozen else ():
+        if family.part_of(name) in frozen:
+            param.requires_grad_(False)
+
+
+def trainable_by_part(model: Any, family: ModelFamily) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The trainable (name, parameter) pairs of each part, names as in the model without its peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parts: dict[str, list[tuple[str, nn.Parameter]]] = {part: [] for part in PARTS}
+    for name, param in base.named_parameters():
+        if param.requires_grad:
+            parts[family.part_of(name)].append((name, param))
+    return parts
 
 
 # -- resolving the model name -----------------------------------------------------------------
@@ -214,11 +299,15 @@ def load_policy(
     max_pixels: int | None = None,
     quantize_vision: bool = False,
     device_map: Any = None,
+    freeze_vit: bool | None = None,
+    freeze_aligner: bool | None = None,
+    freeze_llm: bool = False,
 ) -> tuple[Any, Any]:
     """Load (model, processor) ready to train.
 
-    - lora None, no quantization: full fine-tuning (every weight trainable);
-    - lora set: a peft model with only the adapter trainable;
+    - lora None, no quantization: full fine-tuning (every weight trainable but the parts frozen by
+      freeze_vit / freeze_aligner / freeze_llm, see `resolve_frozen`);
+    - lora set: a peft model with only the adapter trainable (on the parts those keys leave unfrozen);
     - quantization "4bit"/"8bit" (needs lora to train): bitsandbytes with the vision tower and
       lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`.
     The tokenizer pads on the left, as batched generation needs.
@@ -264,16 +353,23 @@ def load_policy(
         if lora is None:
             log.warning("quantization=%s without lora: the model is frozen; pass lora=LoraSettings() to fine-tune",
                         quantization)
+    fv, fa = resolve_frozen(freeze_vit, freeze_aligner, lora)
+    if lora is None and not quantization:
+        freeze_parts(model, family, freeze_vit=fv, freeze_aligner=fa, freeze_llm=freeze_llm)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora.to_peft(family))
+        model = get_peft_model(model, lora.to_peft(family, model, freeze_vit=fv, freeze_aligner=fa,
+                                                   freeze_llm=freeze_llm))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("LoRA: %d of %d parameters trainable (%.3f%%)", n_train, n_all, 100 * n_train / max(1, n_all))
+    counts = {part: sum(p.numel() for _, p in pairs) for part, pairs in trainable_by_part(model, family).items()}
+    log.info("trainable parameters: language model %d, vision tower %d, projector %d", counts["language_model"],
+             counts["vision_tower"], counts["projector"])
     return model, processor
 
 

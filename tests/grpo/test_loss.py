@@ -11,12 +11,14 @@ import torch
 from anatomy_lightning.grpo.advantages import group_advantages
 from anatomy_lightning.grpo.loss import (
     LOSS_AGGREGATIONS,
+    POLICY_TERMS,
     LossOutput,
     chunk_weight,
     grpo_loss,
     high_entropy_threshold,
     is_finite_loss,
     kl_k3,
+    needs_global_token_count,
 )
 from anatomy_lightning.grpo.metrics import combine_chunk_metrics, completion_length_metrics
 from anatomy_lightning.grpo.sequences import token_logprobs, token_logprobs_and_entropy
@@ -221,9 +223,17 @@ LOGP = [[-0.1, -0.2, -0.3], [-0.4, -0.5, PAD], [-0.6, PAD, PAD], [-0.7, -0.8, -0
 #   gpg     : sum_tokens(-logp * A_i) / 9 * alpha, alpha = 2 groups / 2 with signal = 1
 #             seq0: 0.6*2 = 1.2 ; seq1: -0.9 ; seq2: 0.6 ; seq3: -2.4*0.5 = -1.2 -> -0.3 / 9
 #             (the per-sequence mean it replaced gave (0.4 - 0.45 + 0.6 - 0.4) / 4 = 0.0375)
-EXPECTED = {"grpo": -0.375, "bnpo": -3.5 / 9, "dapo": -3.5 / 9, "dr_grpo": -0.21875, "gpg": -0.3 / 9}
+#   vespo   : w = 1 so phi = exp(lam + k*0 - lam) = 1: -logp*A summed / 9 = gpg's -0.3 / 9
+#   cispo   : weight sg(min(rho=1, eps_max)), eps_max = epsilon_high = 0.2 (TRL's default, which
+#             caps even on-policy tokens): 0.2 * -0.3 / 9
+#   sapo    : per token -sigmoid(0) * 4 / tau * A = -2A / tau, tau 1.0 (A > 0) or 1.05, sequence mean:
+#             (-2*2 + 2*1/1.05 - 2*1 + 2*0.5/1.05) / 4 = (-6 + 3/1.05) / 4 = -0.785714
+#   luspo   : per-sequence token sums -A_i*len_i = -6, 2, -1, 1.5, mean over 4 rows = -0.875
+EXPECTED = {"grpo": -0.375, "bnpo": -3.5 / 9, "dapo": -3.5 / 9, "dr_grpo": -0.21875, "gpg": -0.3 / 9,
+            "vespo": -0.3 / 9, "cispo": 0.2 * -0.3 / 9, "sapo": (-6 + 3 / 1.05) / 4, "luspo": -0.875}
 # d loss / d logp on live tokens (0 on padding):
-#   grpo: -A_i / (len_i * B) ; bnpo, dapo, gpg: -A_i / 9 ; dr_grpo: -A_i / 16
+#   grpo, sapo: -A_i / (len_i * B) (sapo's gate has slope tau/4 at rho = 1: 4/tau * tau/4 = 1);
+#   bnpo, dapo, gpg, vespo: -A_i / 9 ; cispo: 0.2 * -A_i / 9 ; dr_grpo: -A_i / 16 ; luspo: -A_i / 4
 LENGTHS = torch.tensor([3.0, 2.0, 1.0, 3.0])[:, None]
 EXPECTED_GRAD = {
     "grpo": -ADV[:, None] / (LENGTHS * 4),
@@ -231,6 +241,10 @@ EXPECTED_GRAD = {
     "dapo": -ADV[:, None] / 9 * torch.ones(1, 3),
     "dr_grpo": -ADV[:, None] / 16 * torch.ones(1, 3),
     "gpg": -ADV[:, None] / 9 * torch.ones(1, 3),
+    "vespo": -ADV[:, None] / 9 * torch.ones(1, 3),
+    "cispo": 0.2 * -ADV[:, None] / 9 * torch.ones(1, 3),
+    "sapo": -ADV[:, None] / (LENGTHS * 4),
+    "luspo": -ADV[:, None] / 4 * torch.ones(1, 3),
 }
 COMMON = {"max_completion_length": 4, "has_signal": torch.tensor([True, True]), "group_size": 2}
 
@@ -240,7 +254,7 @@ def _logp() -> torch.Tensor:
 
 
 def test_every_loss_type_is_tested() -> None:
-    assert set(LOSS_AGGREGATIONS) == set(EXPECTED)
+    assert set(LOSS_AGGREGATIONS) == set(EXPECTED) == set(POLICY_TERMS)
 
 
 @pytest.mark.parametrize("loss_type", sorted(EXPECTED))
@@ -251,20 +265,22 @@ def test_loss_value_and_gradient_by_hand(loss_type: str) -> None:
     out.loss.backward()
     torch.testing.assert_close(logp.grad, EXPECTED_GRAD[loss_type] * MASK)
     assert out.metrics["kl"] == 0.0
-    assert out.metrics["clip_ratio/region_mean"] == 0.0
+    # cispo's eps_max 0.2 caps rho = 1: every token with A > 0 (3 + 1 of 9) counts as clipped
+    assert out.metrics["clip_ratio/region_mean"] == pytest.approx(4 / 9 if loss_type == "cispo" else 0.0)
     assert ("alpha" in out.metrics) == (loss_type == "gpg")
 
 
 @pytest.mark.parametrize("loss_type", sorted(EXPECTED))
 def test_kl_term_adds_beta_times_k3(loss_type: str) -> None:
     # ref = logp + ln 2 on every live token: k3 = 2 - ln 2 - 1 = 1 - ln 2 per token.
-    # With 9 live tokens of 4 x 4 slots, dr_grpo averages it over 16 slots: * 9/16.
+    # With 9 live tokens of 4 x 4 slots, dr_grpo averages it over 16 slots: * 9/16; luspo sums each
+    # row's tokens and averages over 4 rows: * 9/4.
     k = 1 - math.log(2)
     logp = _logp()
     ref = logp.detach() + math.log(2)
     ref[1, 2] = float("-inf")  # padding in the reference must not leak either
     out = grpo_loss(loss_type, logp, ADV, MASK, ref_logp=ref, beta=0.1, **COMMON)
-    share = 9 / 16 if loss_type == "dr_grpo" else 1.0
+    share = {"dr_grpo": 9 / 16, "luspo": 9 / 4}.get(loss_type, 1.0)
     torch.testing.assert_close(out.loss, torch.tensor(EXPECTED[loss_type] + 0.1 * k * share))
     assert out.metrics["kl"] == pytest.approx(k, rel=1e-5)
     out.loss.backward()
@@ -320,6 +336,92 @@ def test_asymmetric_clip_uses_epsilon_high_on_the_upper_side() -> None:
                     epsilon_high=0.6)
     assert out.loss.item() == pytest.approx((-1.3 + 2.3) / 2, abs=1e-6)
     assert out.metrics["clip_ratio/high_mean"] == 0.0
+
+
+# --- the newer loss types off-policy, on RATIOS / CLIP_ADV (logp = -1 where the value needs logp) ------
+OFF_OLD = -RATIOS.log()  # logp = 0: rho = RATIOS
+
+
+def test_delta_caps_the_unclipped_ratio() -> None:
+    """Two-sided clipping, delta = 1.3: seq1 token1 (A = -2, rho 1.5, inside the lower clip) was
+    -min(-3, -2.4) = 3 with gradient 3; now rho is capped at 1.3: -min(-2.6, -2.4) = 2.6, gradient 0.
+    grpo = ((-1.2 - 1.1) / 2 + (1.6 + 2.6) / 2) / 2 = 0.475 (0.575 without delta); flags unchanged."""
+    logp = torch.zeros(2, 2, requires_grad=True)
+    out = grpo_loss("grpo", logp, CLIP_ADV, torch.ones(2, 2), old_logp=OFF_OLD, delta=1.3)
+    assert out.loss.item() == pytest.approx(0.475, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.275], [0.0, 0.0]]))
+    assert out.metrics["clip_ratio/region_mean"] == pytest.approx(0.5)
+    luspo = grpo_loss("luspo", torch.zeros(2, 2), CLIP_ADV, torch.ones(2, 2), old_logp=OFF_OLD, delta=1.3)
+    assert luspo.loss.item() == pytest.approx((-1.2 - 1.1 + 1.6 + 2.6) / 2, abs=1e-6)  # row sums, mean
+    kw = {"old_logp": OFF_OLD, "has_signal": torch.tensor([True]), "group_size": 2}
+    for loss_type in ("sapo", "cispo", "vespo", "gpg"):  # as in TRL, delta acts on the clipped surrogate only
+        capped, plain = (grpo_loss(loss_type, torch.zeros(2, 2), CLIP_ADV, torch.ones(2, 2), delta=d, **kw).loss
+                         for d in (1.3, None))
+        assert capped.item() == plain.item(), loss_type
+
+
+def test_cispo_clips_the_detached_weight_not_the_gradient() -> None:
+    """eps_max = 1.2: weights sg(min(rho, 1.2)) = [[1.2, 1.1], [0.5, 1.2]]; per token -w*A*logp,
+    token mean: value with logp = -1: (1.2 + 1.1 - 1.0 - 2.4) / 4 = -0.275; gradient -w*A/4 =
+    [[-0.3, -0.275], [0.25, 0.6]]: a capped token keeps a gradient (a clipped surrogate zeroes it).
+    Capped with A > 0: one token of four -> cispo_clip_ratio = clip_ratio/high_mean = 0.25."""
+    logp = torch.full((2, 2), -1.0, requires_grad=True)
+    out = grpo_loss("cispo", logp, CLIP_ADV, torch.ones(2, 2), old_logp=OFF_OLD - 1, epsilon_high=1.2)
+    assert out.loss.item() == pytest.approx(-0.275, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.3, -0.275], [0.25, 0.6]]))
+    assert out.metrics["cispo_clip_ratio"] == out.metrics["clip_ratio/high_mean"] == 0.25
+    assert out.metrics["clip_ratio/low_mean"] == 0.0
+
+
+def test_sapo_gate_is_soft() -> None:
+    """Per token -sigmoid(tau*(rho-1)) * 4/tau * A, gradient -4*A*s*(1-s)*rho (s the sigmoid), tau 1.0
+    for A = +1, 1.05 for A = -2; grpo's sequence mean. Nothing is hard-clipped: rho = 1.5 with A > 0
+    keeps a gradient, smaller than its unclipped rho*A."""
+    logp = torch.zeros(2, 2, requires_grad=True)
+    out = grpo_loss("sapo", logp, CLIP_ADV, torch.ones(2, 2), old_logp=OFF_OLD)
+    tau = [[1.0, 1.0], [1.05, 1.05]]
+    s = [[1 / (1 + math.exp(-tau[i][j] * (RATIOS[i, j].item() - 1))) for j in range(2)] for i in range(2)]
+    a = CLIP_ADV.tolist()
+    value = sum(-s[i][j] * 4 / tau[i][j] * a[i] for i in range(2) for j in range(2)) / 4
+    grad = [[-4 * a[i] * s[i][j] * (1 - s[i][j]) * RATIOS[i, j].item() / 4 for j in range(2)] for i in range(2)]
+    assert out.loss.item() == pytest.approx(value, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor(grad))
+    assert 0 > logp.grad[0, 0].item() > -1.5 / 4
+    assert out.metrics["clip_ratio/region_mean"] == 0.0
+
+
+def test_vespo_gamma_weight_per_sequence() -> None:
+    """w = product of the token ratios: seq0 1.5 * 1.1 = 1.65 (A = +1: k 2, lam 3), seq1 0.75
+    (A = -2: k 3, lam 2). phi = exp(lam + k ln w - lam w): 1.65^2 e^(3 - 4.95) = 0.387341,
+    0.75^3 e^(2 - 1.5) = 0.695554. Per token -phi*A*logp, token mean; logp = -1:
+    (2 * 0.387341 - 2 * 2 * 0.695554) / 4 = -0.501884; gradient -phi*A/4 per token."""
+    phi = [1.65**2 * math.exp(3 - 3 * 1.65), 0.75**3 * math.exp(2 - 2 * 0.75)]
+    assert phi == pytest.approx([0.387341, 0.695554], abs=1e-6)
+    logp = torch.full((2, 2), -1.0, requires_grad=True)
+    out = grpo_loss("vespo", logp, CLIP_ADV, torch.ones(2, 2), old_logp=OFF_OLD - 1)
+    assert out.loss.item() == pytest.approx((2 * phi[0] - 4 * phi[1]) / 4, abs=1e-6)
+    assert out.loss.item() == pytest.approx(-0.501884, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-phi[0] / 4] * 2, [2 * phi[1] / 4] * 2]))
+    assert out.metrics["vespo/phi_seq_mean"] == pytest.approx(sum(phi) / 2, abs=1e-6)
+    assert out.metrics["clip_ratio/region_mean"] == 0.0
+
+
+def test_luspo_weighs_each_sequence_by_its_length() -> None:
+    """LUSPO sums a sequence's tokens (GSPO's per-sequence loss times its length), then averages over
+    every row, empty ones included: rows of 3 and 1 tokens, A = +1 each, on-policy: (-3 - 1) / 2 = -2,
+    where grpo gives -1 whatever the lengths."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    for level in ("token", "sequence"):
+        out = grpo_loss("luspo", torch.zeros(2, 3, requires_grad=True), torch.ones(2), mask,
+                        importance_sampling_level=level)
+        assert out.loss.item() == pytest.approx(-2.0)
+    empty_row = grpo_loss("luspo", torch.zeros(3, 3), torch.ones(3), torch.cat([mask, torch.zeros(1, 3)]))
+    assert empty_row.loss.item() == pytest.approx(-4 / 3)
+    assert chunk_weight("luspo", mask[:1], torch.cat([mask, torch.zeros(1, 3)])) == pytest.approx(1 / 3)
 
 
 # --- gpg alpha ---------------------------------------------------------------------------------
@@ -441,7 +543,7 @@ def test_loss_rejects_mismatched_shapes() -> None:
         grpo_loss("grpo", _logp(), ADV, torch.ones(4, 2))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo", "gpg"])
+@pytest.mark.parametrize("loss_type", sorted(EXPECTED))
 def test_chunked_loss_equals_full_batch_loss(loss_type: str) -> None:
     """Chunk-by-chunk forward/backward (the memory knob) optimises exactly the full-batch objective."""
     from anatomy_lightning.grpo.advantages import group_advantages
@@ -525,6 +627,23 @@ def test_dapo_chunks_with_the_global_count_equal_the_full_batch() -> None:
                 for r, p in zip((slice(0, 2), slice(2, 4)), parts))
     torch.testing.assert_close(total, full.loss)
     torch.testing.assert_close(full.loss, torch.tensor(-3.5 / 9))
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "vespo"])
+def test_cispo_and_vespo_take_the_global_token_count_like_dapo(loss_type: str) -> None:
+    """TRL aggregates both like dapo: the chunks' weight is 1 and they sum to the full-batch loss."""
+    assert needs_global_token_count(loss_type) and needs_global_token_count("dapo")
+    assert not any(needs_global_token_count(t) for t in ("grpo", "bnpo", "dr_grpo", "gpg", "sapo", "luspo"))
+    old = torch.tensor(LOGP) + 0.3  # off-policy: rho = exp(-0.3) on every live token
+    kw = {"num_items_in_batch": MASK.sum(), "epsilon_high": 5.0}
+    full = grpo_loss(loss_type, _logp(), ADV, MASK, old_logp=old, **kw)
+    rows = (slice(0, 2), slice(2, 4))
+    total = sum(chunk_weight(loss_type, MASK[r], MASK, num_items_in_batch=MASK.sum())
+                * grpo_loss(loss_type, _logp()[r], ADV[r], MASK[r], old_logp=old[r], **kw).loss for r in rows)
+    torch.testing.assert_close(total, full.loss)
+    assert chunk_weight(loss_type, MASK[:2], MASK, num_items_in_batch=30.0) == 1.0
+    with pytest.raises(ValueError, match=f"loss_type '{loss_type}' on 2 processes needs num_items_in_batch"):
+        grpo_loss(loss_type, _logp(), ADV, MASK, num_processes=2)
 
 
 # --- GSPO: sequence-level importance sampling ---------------------------------------------------------

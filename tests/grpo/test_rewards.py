@@ -22,6 +22,7 @@ from anatomy_lightning.grpo.rewards import (
     option_text_reward,
     resolve_reward_function,
     reward_metrics,
+    soft_overlong_reward,
 )
 
 # tests/grpo/ is one level deeper than tests/: the repo root is parents[2], data sits beside it.
@@ -201,7 +202,7 @@ def test_rewards_reject_mismatched_lengths() -> None:
 
 def test_resolve_builtin_and_import_path() -> None:
     assert resolve_reward_function("accuracy") is accuracy_reward
-    assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "option_text"}
+    assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "option_text", "soft_overlong"}
     user = resolve_reward_function("tests.grpo.test_rewards:length_penalty")
     assert user(["abcd", "ab"], [QUESTION, QUESTION]) == [-0.04, -0.02]
 
@@ -218,6 +219,31 @@ def test_resolve_builtin_and_import_path() -> None:
 def test_resolve_errors_name_the_spec(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_reward_function(spec)
+
+
+def test_soft_overlong_equals_trls_formula_in_its_three_regions() -> None:
+    # L_max 10, L_cache 4: 0 up to 6 tokens, (6 - L) / 4 from 7 to 10, -1 beyond
+    lengths = [1, 6, 7, 9, 10, 11, 30]
+    expected = [0.0, 0.0, -0.25, -0.75, -1.0, -1.0, -1.0]
+    ids = [[5] * n for n in lengths]
+    got = soft_overlong_reward([""] * 7, [QUESTION] * 7, completion_ids=ids, soft_max_length=10, soft_cache_length=4)
+    assert got == pytest.approx(expected)
+    try:
+        from trl.rewards import get_soft_overlong_punishment
+    except ImportError:
+        return  # TRL not installed: the hand-computed values above are its formula
+    assert got == pytest.approx(get_soft_overlong_punishment(max_completion_len=10, soft_punish_cache=4)(ids))
+
+
+def test_soft_overlong_through_the_reward_computer_and_without_its_lengths() -> None:
+    computer = RewardComputer({"accuracy": 1.0, "soft_overlong": 2.0})
+    answers = ["<think></think><answer>C</answer>", "<answer>A</answer>"]
+    total, per_fn = computer(answers, [QUESTION] * 2, completion_ids=[[1] * 3, [1] * 8], soft_max_length=8,
+                             soft_cache_length=2)
+    assert per_fn["soft_overlong"].tolist() == [0.0, -1.0]  # 8 tokens: (6 - 8) / 2
+    assert total.tolist() == [1.0, -2.0]
+    with pytest.raises(RewardFunctionError, match="'soft_overlong' raised ValueError: soft_overlong needs"):
+        computer(answers, [QUESTION] * 2)
 
 
 def test_reward_computer_weighted_sum() -> None:
