@@ -32,6 +32,11 @@ SECTIONS = (
     ("evaluation: predictions, greedy budget, text samples", "--evaluation."),
 )
 GENERAL = ("--config", "--run_name", "--ckpt_path", "--seed_everything")
+# options of one variant (a loss type's, a reward's, the reference sync's), listed by --help-all only:
+# the short help names the switch (loss_type, rewards, sync_ref_model) and stays a screenful per section
+VARIANT_KNOBS = ("--model.sapo_temperature_", "--model.vespo_", "--model.ref_model_", "--model.soft_",
+                 "--model.min_pixels", "--data.similarity_", "--data.embedding_cache_dir",
+                 "--augmentation.dynamic_sampling")
 TRAINER = (
     "max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy", "accumulate_grad_batches",
     "gradient_clip_val", "val_check_interval", "log_every_n_steps", "default_root_dir",
@@ -94,14 +99,15 @@ def grouped_help(subcommand: str, text: str) -> str:
         f"usage: python -m anatomy_lightning {subcommand} [--config CONFIG.yaml ...] [--section.key=value ...]",
         "",
         f"The options researchers tune first, by section; all {total} options (every Trainer and",
-        "callback argument; --optimizer / --lr_scheduler, any torch class):",
+        "callback argument, each loss type's and reward's own knobs, renamed keys; --optimizer /",
+        "--lr_scheduler, any torch class):",
         f"python -m anatomy_lightning {subcommand} --help-all",
         "",
         "general:",
     ]
     out += [body for name, body in blocks if name in GENERAL]
     for heading, prefix in SECTIONS:
-        chosen = [body for name, body in blocks if name.startswith(prefix)]
+        chosen = [body for name, body in blocks if name.startswith(prefix) and not name.startswith(VARIANT_KNOBS)]
         if chosen:
             out += ["", f"{heading}:", *chosen]
     trainer = {name: body for name, body in blocks if name.startswith("--trainer.")}

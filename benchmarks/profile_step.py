@@ -834,7 +834,7 @@ OP_CLASSES = ("gemm", "attention", "copy_alloc", "other_ops", "between_ops")
 
 def markdown(result: dict[str, Any]) -> str:
     prof = result.get("profiled")
-    head = "| group | part | CPU s/step | share | wall s/step | GFLOP | floor s | x floor |"
+    head = "| group | part | CPU s/step | share | wall s/step | GFLOP | floor s | x floor | floor s (model pass) |"
     if prof:
         head += " GEMM / attn / copy+alloc / other ops / between ops (% of part, profiler) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -842,17 +842,29 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [r["group"], r["what"], f"{r['cpu_seconds']:.3f}", f"{100 * r['share']:.1f}%",
                  f"{r['wall_seconds']:.3f}", f"{r['gflop']:.1f}" if r["gflop"] else "-",
                  f"{r['floor_seconds']:.3f}" if r["gflop"] else "0",
-                 f"{r['x_floor']:.1f}" if r["x_floor"] else "-"]
+                 f"{r['x_floor']:.1f}" if r["x_floor"] else "-",
+                 f"{r['floor_seconds_model_pass']:.3f}" if r["gflop"] else "0"]
         if prof:
             c = (prof["by_operator_class"] or {}).get(r["part"], {}).get("by_class", {})
             total = sum(c.values())
             cells.append(" / ".join(f"{100 * c.get(k, 0.0) / total:.0f}" for k in OP_CLASSES) if total > 1e-3 else "")
         lines.append("| " + " | ".join(cells) + " |")
     tot = ["", "**step**", f"**{result['step_cpu_seconds']:.3f}**", "100%", f"{result['step_wall_seconds']:.3f}",
-           f"{result['total_gflop']:.1f}", f"**{result['floor_seconds']:.3f}**", f"**{result['x_floor']:.1f}**"]
+           f"{result['total_gflop']:.1f}", f"**{result['floor_seconds']:.3f}**", f"**{result['x_floor']:.1f}**",
+           f"{result['floor_seconds_model_pass']:.3f}"]
     if prof:
         tot.append("")
     lines.append("| " + " | ".join(tot) + " |")
+    if prof:  # the big parts in CPU seconds per operator class: part CPU s x the profiler's share
+        lines += ["", "| part | CPU s | GEMM | attention | copy+alloc | other ops | between ops (Python, dispatch) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            c = (prof["by_operator_class"] or {}).get(r["part"], {}).get("by_class", {})
+            total = sum(c.values())
+            if r["cpu_seconds"] < 0.1 or total <= 0:
+                continue
+            lines.append(f"| {r['part']} | {r['cpu_seconds']:.3f} | " + " | ".join(
+                f"{r['cpu_seconds'] * c.get(k, 0.0) / total:.3f}" for k in OP_CLASSES) + " |")
     return "\n".join(lines)
 
 
