@@ -1,5 +1,5 @@
 """The GRPO losses as plain tensor functions: k3 KL, the per-token policy term of every `loss_type`
-(picked by name from `POLICY_TERMS`: the clipped surrogate, CISPO, SAPO, VESPO, plain -logp*A) and
+(`grpo.policy_terms`: the clipped surrogate, CISPO, SAPO, VESPO, plain -logp*A) and
 its aggregation (from `LOSS_AGGREGATIONS`), with the metrics a TRL user reads returned as sums and
 counts so that row chunks and ranks combine exactly (`grpo.metrics`). Formulas and defaults follow
 TRL 1.16's `GRPOTrainer._compute_loss` and `GRPOConfig` (checked in tests/grpo/test_loss_trl.py).
@@ -21,6 +21,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from anatomy_lightning.distributed import world_size
+from anatomy_lightning.grpo.policy_terms import (
+    POLICY_TERMS,
+    TWO_SIDED_CLIP_LOSS_TYPES,
+    LossKnobs,
+    TermInputs,
+)
 
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -188,120 +194,7 @@ def needs_global_token_count(loss_type: str) -> bool:
     return LOSS_AGGREGATIONS.get(loss_type) is _global_token_mean
 
 
-# --- the per-token policy term of each loss_type ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Knobs:
-    """The loss-type settings, with TRL's names and defaults (`GRPOConfig`)."""
-
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2  # cispo: eps_max, the cap on the ratio itself (ScaleRL: 5.0)
-    delta: float | None = None  # two-sided clipping: cap of the unclipped ratio (None = off)
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-
-
-@dataclass
-class _PolicyTerm:
-    """A policy term per token (broadcastable to (B, T)) and what it reports.
-
-    `low` / `high`: hard-clip flags shaped like the ratio (TRL's clip_ratio/*); `extra`: further
-    metrics as (values, one value per row?) to average like TRL's `global_masked_mean`.
-    """
-
-    per_token: Tensor
-    low: Tensor | None = None
-    high: Tensor | None = None
-    extra: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _TermInputs:
-    """What a policy term may read. lp, log_ratio, mask: (B, T), 0 on padding; adv: (B, 1);
-    ratio: the importance ratio at the chosen level, (B, T) or (B, 1) for "sequence"."""
-
-    lp: Tensor
-    log_ratio: Tensor  # token-level log(pi / pi_old), whatever the importance sampling level
-    ratio: Tensor
-    adv: Tensor
-    mask: Tensor
-    sequence_level: bool
-
-
-def _clipped_surrogate(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
-    """-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A), r capped at `delta` in the first term when set
-    (INTELLECT-2's two-sided clipping, verl's clip_ratio_c)."""
-    clipped = x.ratio.clamp(1 - k.epsilon_low, 1 + k.epsilon_high)
-    ratio = x.ratio if k.delta is None else x.ratio.clamp(max=k.delta)
-    return _PolicyTerm(
-        -torch.minimum(ratio * x.adv, clipped * x.adv),
-        low=(ratio < 1 - k.epsilon_low) & (x.adv < 0),
-        high=(ratio > 1 + k.epsilon_high) & (x.adv > 0),
-    )
-
-
-def _policy_gradient(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
-    """gpg: -logp*A, no ratio, no clip (the Anatomy-R1 authors' trainer)."""
-    return _PolicyTerm(-x.lp * x.adv)
-
-
-def _cispo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
-    """CISPO (MiniMax-M1): -sg(min(r, eps_max))*A*logp, eps_max = epsilon_high; the weight is
-    clipped, never the gradient. A capped ratio with A > 0 counts as clip_ratio/high (and
-    TRL's cispo_clip_ratio)."""
-    high = (x.ratio > k.epsilon_high) & (x.adv > 0)
-    per_token = -x.ratio.clamp(max=k.epsilon_high).detach() * x.adv * x.lp
-    return _PolicyTerm(per_token, high=high, extra={"cispo_clip_ratio": (high, x.sequence_level)})
-
-
-def _sapo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
-    """SAPO: -sigmoid(tau*(r-1))*4/tau*A, tau = sapo_temperature_pos where A > 0, else _neg: a
-    soft gate whose gradient is r*A at r = 1 and fades off-policy (nothing is hard-clipped)."""
-    tau = _by_sign(x.adv > 0, k.sapo_temperature_pos, k.sapo_temperature_neg, x.ratio)
-    return _PolicyTerm(-torch.sigmoid(tau * (x.ratio - 1)) * 4 / tau * x.adv)
-
-
-def _by_sign(condition: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
-    """Per row: `if_true` where `condition`, else `if_false`, in `like`'s dtype (TRL's torch.where on
-    two floats rounds them to float32: 1.05 becomes 1.0499999523, 5e-8 off in float64)."""
-    return torch.where(condition, like.new_tensor(if_true), like.new_tensor(if_false))
-
-
-_LOG_W_MIN = math.log(1e-8)
-
-
-def _vespo(x: _TermInputs, k: _Knobs) -> _PolicyTerm:
-    """VESPO: -sg(phi(w))*A*logp, w = exp(sum_t log r_t) per sequence (token log-ratios clamped to
-    [-20, 20], log w to [ln 1e-8, 20]), phi(w) = exp(lam + kk*ln w - lam*w) (phi(1) = 1; kk, lam =
-    vespo_k_pos / vespo_lambda_pos where A >= 0, else _neg; lam >= 1e-4)."""
-    with torch.no_grad():
-        log_w = (x.log_ratio.clamp(-20.0, 20.0) * x.mask).sum(1, keepdim=True).clamp(_LOG_W_MIN, 20.0)
-        nonneg = x.adv >= 0
-        kk = _by_sign(nonneg, k.vespo_k_pos, k.vespo_k_neg, log_w)
-        lam = _by_sign(nonneg, k.vespo_lambda_pos, k.vespo_lambda_neg, log_w).clamp(min=1e-4)
-        phi = torch.exp(lam + kk * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    return _PolicyTerm(-phi * x.adv * x.lp, extra={"vespo/phi_seq_mean": (phi, True)})
-
-
-POLICY_TERMS: dict[str, Callable[[_TermInputs, _Knobs], _PolicyTerm]] = {
-    "grpo": _clipped_surrogate,
-    "bnpo": _clipped_surrogate,
-    "dapo": _clipped_surrogate,
-    "dr_grpo": _clipped_surrogate,
-    "luspo": _clipped_surrogate,
-    "gpg": _policy_gradient,
-    "cispo": _cispo,
-    "sapo": _sapo,
-    "vespo": _vespo,
-}
-assert POLICY_TERMS.keys() == LOSS_AGGREGATIONS.keys()
-# the loss types `delta` acts on (TRL ignores it for the others)
-TWO_SIDED_CLIP_LOSS_TYPES = tuple(t for t, f in POLICY_TERMS.items() if f is _clipped_surrogate)
+assert POLICY_TERMS.keys() == LOSS_AGGREGATIONS.keys()  # every loss type has its term and its reduction
 
 
 def _gpg_alpha(has_signal: Tensor | None, group_size: int | None, batch: int) -> float:
@@ -430,9 +323,9 @@ def grpo_loss(
     if sequence_level:
         log_ratio = (log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)  # (B, T) or (B, 1)
-    knobs = _Knobs(epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg,
+    knobs = LossKnobs(epsilon_low, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg,
                    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
-    term = POLICY_TERMS[loss_type](_TermInputs(lp, token_log_ratio, ratio, adv, m, sequence_level), knobs)
+    term = POLICY_TERMS[loss_type](TermInputs(lp, token_log_ratio, ratio, adv, m, sequence_level), knobs)
     per_token = term.per_token.expand_as(lp)
 
     ent = None if entropy is None else torch.where(live, entropy.detach().to(logp.dtype), zero)
