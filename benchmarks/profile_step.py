@@ -7,27 +7,36 @@ The setting is `trl_speed.py`'s for this project (`--model small --G 8 --new-tok
 --prompts-per-step 2 --threads 1`, LoRA, beta = 0, mu = 1, completions forced to full length), with
 the checkpoint folder and the questions made by `trl_speed.prepare_inputs`. `GRPOModule` runs under
 the real Lightning `Trainer`; nothing in the package is edited. Instead the script wraps, at run
-time, the functions a step goes through (`grpo.fast_path.prefill` / `pick_next_token` /
-`sample_completions` / `prepare_prompts`, `grpo.update.rollout_logprobs` / `grpo_loss`, the
-module's `encode` / `score` / `manual_backward` / `_log_train`, the optimiser, the KV cache's batch
-repeat, the policy's `forward`), each with a wall-clock timer and a `torch.profiler.record_function`
-label. A time is charged to the innermost label running (exclusive time), so the parts add up to
-the step: a step is timed from the end of the previous optimiser step to the end of this one (as in
-trl_speed.py), and what no label covers is Lightning's own overhead.
+time, the functions a step goes through (`grpo.fast_path.prepare_prompts` / `sample_completions` /
+`prefill` / `pick_next_token` / `decode_completions`, `grpo.update.rollout_logprobs` / `grpo_loss`,
+the module's `training_step` / `encode` / `score` / `compute_advantages` / `manual_backward` /
+`_log_train`, the optimiser, the KV cache's batch repeat, and every `forward` of the policy through
+hooks), each with a timer and a `torch.profiler.record_function` label. Time is charged to the
+innermost label running (exclusive time), so the parts add up to the step, timed from the end of
+the previous optimiser step to the end of this one (as in trl_speed.py); what no label covers is
+Lightning's own overhead. Two clocks: wall, and the thread's CPU time. With 1 torch thread the whole
+step runs on this thread, and on a shared machine the CPU time is the steadier figure (being
+descheduled stretches wall time only), so the table's main column is CPU seconds.
 
-After one warm-up step, `--plain-steps` steps run without the profiler (the wall-time split) and
-`--profiled-steps` under `torch.profiler` (CPU activities, no shapes, no stacks), which splits
-each part's time further into GEMM, attention, copy/concatenate, other operators and the time
-between operators (Python, dispatch).
+After one warm-up step, `--plain-steps` steps run without the profiler (the table's seconds) and
+`--profiled-steps` under `torch.profiler` (CPU activities, no shapes, no stacks), which splits each
+part further into GEMM, attention, copy/allocation, other operators and the time between operators
+(Python, module calls, dispatch; the profiler's own overhead lands there too, so read it as an
+upper bound). Then (`--what-if`) generation and the training pass of the last step's rollout are
+timed as run and with one change each (LoRA merged for the rollout, KV cache grown in place, LoRA
+dropout off), interleaved, best of `--what-if-repeats`: the seconds a fix would save, measured.
 
 The floor of a part is its matmul FLOPs, counted from the model config and the step's real token
 counts (prompt tokens without padding, 64 image tokens at 224 px, G, completion tokens; prompt once
-per group in training as the fast path runs it; causal attention), divided by this machine's
-float32 GEMM rate on 1 thread, measured here on the model's own shapes (rows = the part's tokens per
-matmul: B for a decode step, N x P for a prefill, N x P + B x (C - 1) in training). Parts with no
-matmul (sampling, Python, rewards, data, logging, Lightning) have a floor of 0.
+per group in training as the fast path runs it; causal attention; LoRA's thin matmuls; backward with
+frozen base weights = input gradients only), divided by this machine's float32 GEMM rate on 1
+thread, measured here on the model's own shapes with rows = the part's tokens per matmul (B for a
+decode step, N x P for a prefill, N x P + B x (C - 1) in training): `floor s` at the rate of one
+shape repeated (weights hot in cache: the issue's kind of estimate), `floor s (model pass)` at the
+rate of one pass over all the layers' distinct weights (what a 16-row decode step really streams).
+Parts with no matmul (sampling, Python, rewards, data, logging, Lightning) have a floor of 0.
 
-Prints a Markdown table and writes JSON (default benchmarks/results/profile_step_<device>_<model>_<finetune>.json).
+Prints a Markdown table and writes JSON (default benchmarks/results/profile_step_cpu_<model>_<finetune>[_beta<b>_mu<mu>].json).
 """
 
 from __future__ import annotations
@@ -71,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profiled-steps", type=int, default=1, help="timed steps under torch.profiler")
     p.add_argument("--gemm-repeats", type=int, default=5, help="timings per GEMM shape (the best one counts)")
     p.add_argument("--what-if", action=argparse.BooleanOptionalAction, default=True,
-                   help="after the run, time generation and the training pass with one change each (about 40 s)")
+                   help="after the run, time generation and the training pass with one change each (about 60 s)")
+    p.add_argument("--what-if-repeats", type=int, default=3, help="interleaved runs per what-if variant (best counts)")
     p.add_argument("--workdir", default=None, help="checkpoint and data folder (default: a temp folder)")
     p.add_argument("--out", default=None, help="JSON path ('' = do not write)")
     args = p.parse_args(argv)
@@ -263,7 +273,6 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], 
     import transformers.cache_utils as cache_utils
     from torch.utils.data import DataLoader
 
-    import anatomy_lightning.grpo.dynamic_sampling as dynamic_sampling
     import anatomy_lightning.grpo.fast_path as fast_path
     import anatomy_lightning.grpo.update as update
     import anatomy_lightning.module as module_mod
@@ -294,7 +303,6 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], 
     patch(update, "rollout_logprobs", att,
           lambda *a, **k: "ref_logprobs" if state["in_reference"] else "old_logprobs" if state["in_update"]
           else "train_logprobs", undo)
-    patch(dynamic_sampling, "group_advantages", att, "advantages", undo)
     patch(module_mod, "group_advantages", att, "advantages", undo)
     patch(module_mod, "backward_chunks", att, "chunks", undo)
     patch(module_mod, "clip_gradients", att, "clip", undo)
@@ -459,6 +467,7 @@ def profile_split(prof: Any, steps: int) -> dict[str, Any]:
     """
     by_row: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     top: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    n_ops: dict[str, float] = defaultdict(float)
     row_cache: dict[int, str] = {}
 
     def row_for(ev: Any) -> str:
@@ -481,10 +490,13 @@ def profile_split(prof: Any, steps: int) -> dict[str, Any]:
         by_row[row][cls] += sec
         if cls != "between_ops":
             top[row][ev.name] += sec
+            if ev.cpu_parent is None or ev.cpu_parent.name.startswith(LABEL):  # top-level operators only
+                n_ops[row] += 1 / steps
     out = {}
     for row, classes in by_row.items():
         ops = sorted(top[row].items(), key=lambda kv: -kv[1])[:8]
-        out[row] = {"by_class": dict(classes), "top_ops": {k: round(v, 4) for k, v in ops}}
+        out[row] = {"by_class": dict(classes), "top_ops": {k: round(v, 4) for k, v in ops},
+                    "top_level_ops_per_step": n_ops[row]}
     return out
 
 
@@ -614,7 +626,7 @@ def flop_counts(cfg: Any, tokens: dict[str, Any], lora: list[tuple[int, int, int
     return {
         "vision": vision, "prefill": prefill, "decode": decode,
         "old": train_fwd if mu > 1 else 0.0, "ref": ref_fwd if beta != 0 else 0.0,
-        "train_fwd": train_fwd, "backward": backward,
+        "train_fwd": mu * train_fwd, "backward": mu * backward,  # mu optimiser iterations per rollout
     }
 
 
@@ -664,7 +676,8 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
     """CPU seconds of the last step's generation and training forward/backward, as run and with one change each.
 
     Generation (same prompts, same seeded sampler): LoRA merged into the base weights for the rollout
-    (peft `merge_adapter`, unmerged after), the KV cache grown in place instead of by `torch.cat`, both.
+    (peft `merge_adapter` before, `unmerge_adapter` after, both inside the timing), the KV cache grown
+    in place instead of by `torch.cat`, both. `same_tokens`: share of sampled tokens equal to the run as is.
     Training: forward + backward with LoRA dropout off (a hyperparameter change, not a free fix: it
     prices the dropout masks). Each variant runs `repeats` times interleaved; the best time counts.
     """
@@ -679,11 +692,14 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
     pad_id = processor.tokenizer.pad_token_id
     G, C = ro.group_size, args.new_tokens
 
-    def generation() -> tuple[float, Any]:
+    def generation(ctx: Any) -> tuple[float, Any]:
+        """CPU seconds of `sample_completions` under `ctx` (its setup and teardown, e.g. merging, included)."""
         gen = torch.Generator().manual_seed(0)
         with eval_mode(policy), torch.no_grad():
             t0 = time.thread_time()
-            ids = fast_path.sample_completions(policy, ro.prompts, G, C, stop_ids, pad_id, True, 1.0, 1.0, 0, C, gen)
+            with ctx():
+                ids = fast_path.sample_completions(policy, ro.prompts, G, C, stop_ids, pad_id, True, 1.0, 1.0, 0, C,
+                                                   gen)
             return time.thread_time() - t0, ids
 
     @contextlib.contextmanager
@@ -707,13 +723,13 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
     ids: dict[str, Any] = {}
     for _ in range(repeats):
         for name, ctx in gen_variants.items():
-            with ctx():
-                sec, out = generation()
+            sec, out = generation(ctx)
             times[name].append(sec)
             ids[name] = out
     base = ids["as run"]
     out: dict[str, Any] = {"generation": {
         name: {"seconds": min(ts), "all": ts, "saves": min(times["as run"]) - min(ts),
+               "saves_median": sorted(times["as run"])[len(ts) // 2] - sorted(ts)[len(ts) // 2],
                "same_tokens": float((ids[name] == base).float().mean())}
         for name, ts in times.items()}}
 
@@ -745,6 +761,8 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
                 d["default"] = old
 
     train_variants = {"as run": contextlib.nullcontext, "LoRA dropout off": no_dropout}
+    if not any(hasattr(m, "lora_dropout") for m in policy.modules()):  # full fine-tuning: nothing to switch off
+        del train_variants["LoRA dropout off"]
     fwd: dict[str, list[float]] = defaultdict(list)
     bwd: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):
@@ -756,7 +774,8 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
     policy.train(was_training)
     out["training"] = {
         name: {"forward_seconds": min(fwd[name]), "backward_seconds": min(bwd[name]),
-               "saves": min(fwd["as run"]) + min(bwd["as run"]) - min(fwd[name]) - min(bwd[name])}
+               "saves": min(fwd["as run"]) + min(bwd["as run"]) - min(fwd[name]) - min(bwd[name]),
+               "forward_all": fwd[name], "backward_all": bwd[name]}
         for name in train_variants}
     out["repeats"] = repeats
     return out
@@ -855,16 +874,19 @@ def markdown(result: dict[str, Any]) -> str:
     if prof:
         tot.append("")
     lines.append("| " + " | ".join(tot) + " |")
-    if prof:  # the big parts in CPU seconds per operator class: part CPU s x the profiler's share
-        lines += ["", "| part | CPU s | GEMM | attention | copy+alloc | other ops | between ops (Python, dispatch) |",
-                  "|---|---|---|---|---|---|---|"]
+    if prof:  # the big parts per operator class, in the profiled step's CPU seconds (profiler overhead included)
+        lines += ["", "| part | CPU s (no profiler) | CPU s (profiled) | GEMM | attention | copy+alloc | other ops | "
+                      "between ops (Python, dispatch, profiler) | top-level ops/step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
-            c = (prof["by_operator_class"] or {}).get(r["part"], {}).get("by_class", {})
-            total = sum(c.values())
+            split = (prof["by_operator_class"] or {}).get(r["part"], {})
+            c = split.get("by_class", {})
+            total, pcpu = sum(c.values()), prof["rows_cpu_seconds"][r["part"]]
             if r["cpu_seconds"] < 0.1 or total <= 0:
                 continue
-            lines.append(f"| {r['part']} | {r['cpu_seconds']:.3f} | " + " | ".join(
-                f"{r['cpu_seconds'] * c.get(k, 0.0) / total:.3f}" for k in OP_CLASSES) + " |")
+            lines.append(f"| {r['part']} | {r['cpu_seconds']:.3f} | {pcpu:.3f} | " + " | ".join(
+                f"{pcpu * c.get(k, 0.0) / total:.3f}" for k in OP_CLASSES)
+                + f" | {split.get('top_level_ops_per_step', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -889,7 +911,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = summarise(steps, split, flops, rates)
     if args.what_if:
         t2 = time.perf_counter()
-        result["what_if"] = what_if(info["module"], info["last_rollout"], args)
+        result["what_if"] = what_if(info["module"], info["last_rollout"], args, args.what_if_repeats)
         result["what_if"]["seconds"] = time.perf_counter() - t2
     t = info["config"].text_config
     settings = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}
