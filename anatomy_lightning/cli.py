@@ -19,7 +19,9 @@ Lightning's own knobs, although the module optimises manually (`GRPOModule` appl
                                    learning_rate, weight_decay / model.lr_schedule, warmup_steps
 A resumed `fit --ckpt_path ...` writes into the TensorBoard version folder of the checkpoint's run;
 `fit --ckpt_path auto` resumes from this run's last.ckpt if there is one, else starts fresh (requeue
-loops). Strategies the module cannot train under (FSDP, DeepSpeed, ModelParallel) are refused by name.
+loops). `--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy` shards the policy with
+FSDP2 (`sharding`; tensor_parallel_size 1, save_distributed_checkpoint false, or a one-line refusal
+naming the flags); FSDP (FSDP1) and DeepSpeed are refused by name.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ from anatomy_lightning.logs import quiet_library_noise, setup_logging
 from anatomy_lightning.models.families import family_for_type
 from anatomy_lightning.models.loading import check_quantization_supported, load_model_config, resolve_model_path
 from anatomy_lightning.grpo.evaluation import EvaluationSettings
-from anatomy_lightning.guards import check_strategy, checkpoint_dirs, resolve_auto_ckpt_path
+from anatomy_lightning.guards import check_strategy, checkpoint_dirs, is_model_parallel, resolve_auto_ckpt_path
 from anatomy_lightning.module import GRPOModule
 from anatomy_lightning.optimization import PRECISION_DTYPE, RESUMED_SETTINGS, weight_dtype
 from anatomy_lightning.settings_check import check_settings
+from anatomy_lightning.sharding import check_shardable
 
 log = logging.getLogger(__name__)
 # weight dtype -> the "-true" precision that keeps it (an unset trainer.precision follows model.dtype)
@@ -219,7 +222,9 @@ class AnatomyCLI(LightningCLI):
         self._gradient_settings: dict[str, Any] = {}
         if trainer is None:
             return
-        check_strategy(trainer.get("strategy"))  # FSDP, DeepSpeed, ModelParallel: refused by name, now
+        check_strategy(trainer.get("strategy"))  # FSDP, DeepSpeed: refused by name; ModelParallel's settings: now
+        if model is not None and is_model_parallel(trainer.get("strategy")):  # what FSDP2 cannot shard
+            check_shardable(model.get("quantization"), None if config.get("optimizer") else model.get("optimizer"))
         for entry in trainer.get("callbacks") or []:
             path = str(entry.get("class_path", "")) if hasattr(entry, "get") else ""
             for cls, key in _SECTIONS.items():

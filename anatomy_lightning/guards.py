@@ -8,10 +8,13 @@ run name never silently starts over); `auto` resumes when this run's checkpoint 
 damaged `last.ckpt` is refused exactly as `last` refuses it.
 
 Strategies: the module optimises manually and calls its policy directly (generation, log-probs,
-clipping), outside any wrapper, and it shards nothing. Under ModelParallelStrategy every rank trains
-its own copy and nothing synchronises the gradients (the ranks end with different weights, exit 0);
-FSDP and DeepSpeed wrap a module it then bypasses, and DeepSpeed saves checkpoint folders that our
-checkpoint IO and resume checks do not read. DDP keeps a full copy per GPU and averages gradients.
+clipping), outside any wrapper. DDP keeps a full copy per GPU and averages gradients. Under
+Lightning's ModelParallelStrategy the module shards the policy itself with FSDP2 (`sharding`), over
+the data-parallel dimension only (tensor_parallel_size 1), and its checkpoints must be single files
+(save_distributed_checkpoint false: rank 0 writes the trainable weights, gathered), which our
+checkpoint IO, `--ckpt_path last`, resume checks, `test` and `export` read; Lightning's defaults
+(tensor parallel "auto", distributed checkpoint folders) are refused, naming the flags. FSDP (FSDP1)
+and DeepSpeed wrap a module the module then bypasses, and DeepSpeed saves checkpoint folders: refused.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UNSUPPORTED_STRATEGIES", "check_strategy", "checkpoint_dirs", "resolve_auto_ckpt_path"]
+__all__ = ["UNSUPPORTED_STRATEGIES", "check_strategy", "checkpoint_dirs", "is_model_parallel", "resolve_auto_ckpt_path"]
 
 log = logging.getLogger(__name__)
 
-# Strategy classes (and their subclasses) refused by name until the module applies FSDP2 itself
-UNSUPPORTED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
+# Strategy classes (and their subclasses) refused by name -> why
+UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "it wraps the model in FSDP1, whose forward GRPOModule bypasses (it calls its policy directly "
+                    "for generation and log-probs)",
+    "DeepSpeedStrategy": "it wraps the model in an engine GRPOModule bypasses (it calls its policy directly for "
+                         "generation and log-probs), and saves checkpoint folders our resume checks do not read",
+}
+MODEL_PARALLEL = "ModelParallelStrategy"
+USE_INSTEAD = ("use --trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy (FSDP2 sharding, applied by "
+               "the module; see the README) or --trainer.strategy=ddp (a full copy per GPU, gradients averaged)")
 
 
 def _strategy_classes(strategy: Any) -> tuple[str, list[str]]:
@@ -55,19 +66,54 @@ def _strategy_classes(strategy: Any) -> tuple[str, list[str]]:
         return name, [attr]  # Lightning names what it cannot resolve
 
 
+def _strategy_setting(strategy: Any, name: str, default: Any) -> Any:
+    """A ModelParallelStrategy argument as given: from a config's init_args, an instance, or the default
+    (a bare class name or path carries none)."""
+    if hasattr(strategy, "get") and strategy.get("class_path"):
+        init = strategy.get("init_args") or {}
+        value = init.get(name, default) if hasattr(init, "get") else default
+        return default if value is None else value
+    if isinstance(strategy, str):
+        return default
+    return getattr(strategy, f"_{name}", default)
+
+
+def _model_parallel_problems(strategy: Any) -> list[str]:
+    """What keeps a ModelParallelStrategy from training GRPOModule: tensor parallelism (the module shards
+    with FSDP2 over data-parallel ranks only) and distributed checkpoint folders (our checkpoints are files)."""
+    problems = []
+    tp = _strategy_setting(strategy, "tensor_parallel_size", "auto")
+    if str(tp) != "1":
+        problems.append(f"tensor_parallel_size={tp} (GRPOModule has no tensor parallelism: pass "
+                        "--trainer.strategy.tensor_parallel_size=1 "
+                        "--trainer.strategy.data_parallel_size=<devices x nodes>)")
+    if str(_strategy_setting(strategy, "save_distributed_checkpoint", True)).lower() not in ("false", "0"):
+        problems.append("save_distributed_checkpoint=true (checkpoint folders, which resume, test and export do not "
+                        "read: pass --trainer.strategy.save_distributed_checkpoint=false, one file written by rank 0)")
+    return problems
+
+
+def is_model_parallel(strategy: Any) -> bool:
+    """True when `trainer.strategy` is Lightning's ModelParallelStrategy (or a subclass): the module shards."""
+    return strategy is not None and MODEL_PARALLEL in _strategy_classes(strategy)[1]
+
+
 def check_strategy(strategy: Any) -> None:
-    """Raise a one-line ValueError when `trainer.strategy` is one the module does not support."""
+    """Raise a one-line ValueError when `trainer.strategy` is one the module does not support, or a
+    ModelParallelStrategy set up in a way it cannot train under (naming the flags that fix it)."""
     if strategy is None:
         return
     given, names = _strategy_classes(strategy)
+    if MODEL_PARALLEL in names:
+        problems = _model_parallel_problems(strategy)
+        if problems:
+            raise ValueError(f"trainer.strategy={given}: " + "; ".join(problems))
+        return
     refused = next((n for n in names if n in UNSUPPORTED_STRATEGIES), None)
     if refused is None:
         return
     named = given if given.rsplit(".", 1)[-1] == refused else f"{given} ({refused})"
-    raise ValueError(
-        f"trainer.strategy={named} is not supported: GRPOModule does not shard its model (FSDP2 support "
-        "is planned); use --trainer.strategy=ddp (a full copy per GPU, gradients averaged)"
-    )
+    raise ValueError(f"trainer.strategy={named} is not supported: {UNSUPPORTED_STRATEGIES[refused]}; {USE_INSTEAD}")
 
 
 def checkpoint_dirs(trainer: Any) -> list[Path]:

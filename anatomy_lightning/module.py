@@ -69,11 +69,21 @@ from anatomy_lightning.optimization import (
     apply_resumed_settings,
     clip_gradients,
     configure_optimization,
+    copy_param_group_settings,
     gradient_settings,
     parameter_groups,
     weight_dtype,
 )
 from anatomy_lightning.settings_check import SettingsError, check_settings, reward_knob_problems
+from anatomy_lightning.sharding import (
+    check_shardable,
+    data_parallel_mesh,
+    full_trainable_state,
+    is_sharded,
+    quant_storage,
+    reshard,
+    shard_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,15 +283,25 @@ class GRPOModule(L.LightningModule):
             return
         if self._trainer is not None:  # the CLI refuses these before building anything; Python callers here
             check_strategy(self._trainer.strategy)
-        hp = self.hparams
+        mesh = data_parallel_mesh(self.device_mesh)  # ModelParallelStrategy: FSDP2 over its data-parallel ranks
+        hp, dtype = self.hparams, self._weight_dtype()
+        if mesh is not None:  # the CLI checked already; Python callers here
+            check_shardable(hp.quantization, None if self.cli_optimizer else hp.optimizer)
         self.policy, self.processor = load_policy(
-            hp.model, dtype=self._weight_dtype(), quantization=hp.quantization, lora=hp.lora,
+            hp.model, dtype=dtype, quantization=hp.quantization, lora=hp.lora,
             gradient_checkpointing=hp.gradient_checkpointing, min_pixels=hp.min_pixels, max_pixels=hp.max_pixels,
             freeze_vit=hp.freeze_vit, freeze_aligner=hp.freeze_aligner, freeze_llm=hp.freeze_llm,
+            quant_storage=quant_storage(dtype) if mesh is not None and hp.quantization == "4bit" else None,
         )
         if hp.beta != 0 and not has_adapter(self.policy):
             self.reference = frozen_copy(self.policy)
         self.family: ModelFamily = family_of(self.policy)
+        if mesh is not None:  # the reference too: replicated, it would hold the whole model on every rank
+            units = [shard_model(self.policy, self.family, mesh)]
+            if self.reference is not None:
+                units.append(shard_model(self.reference, self.family, mesh, frozen=True))
+            log.info("FSDP2: policy%s sharded over %d ranks (%d units each)",
+                     " and reference" if self.reference is not None else "", mesh.size(), units[0])
         self.vision_ids = self.family.vision_token_ids(self.policy, self.processor)
         if self.processor.tokenizer.pad_token_id is None:  # completion padding; fed in place of vision tokens
             self.processor.tokenizer.pad_token = self.processor.tokenizer.eos_token
@@ -391,6 +411,8 @@ class GRPOModule(L.LightningModule):
                 sched.step()
             metrics["grad_norm"] = grad_norm
             if hp.sync_ref_model and self.reference is not None and sync_due(self.global_step, hp.ref_model_sync_steps):
+                if self._sharded:  # mix the shards, not the gathered copies FSDP2 may still hold
+                    reshard(self.policy), reshard(self.reference)
                 sync_reference(self.policy, self.reference, hp.ref_model_mixup_alpha)  # TRL's SyncRefModelCallback
         return metrics
 
@@ -438,10 +460,14 @@ class GRPOModule(L.LightningModule):
             loop._batches_that_stepped = loop.batch_progress.total.completed
 
     def on_train_end(self) -> None:
-        if self.global_rank == 0 and has_adapter(self.policy):
+        if not has_adapter(self.policy):
+            return
+        # sharded: every rank gathers the adapter's full weights (a collective), rank 0 writes them
+        state = full_trainable_state(self.policy) if self._sharded else None
+        if self.global_rank == 0:
             ckpt_cb = self.trainer.checkpoint_callback
             root = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(self.trainer.default_root_dir)
-            save_adapter(self.policy, root / "adapter")
+            save_adapter(self.policy, root / "adapter", state_dict=state)
             log.info("LoRA adapter (peft format) written to %s", root / "adapter")
 
     # -- validation, test, predict: greedy answers -----------------------------------------------
@@ -514,13 +540,33 @@ class GRPOModule(L.LightningModule):
             cli_optimizer=self.cli_optimizer, cli_lr_scheduler=self.cli_lr_scheduler,
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep trainable weights only: a 7B LoRA checkpoint is tens of MB, not GB. With `sync_ref_model` the
-        reference has moved away from the initial weights where the policy trains: those are kept too."""
+    @property
+    def _sharded(self) -> bool:
+        """True when FSDP2 sharded the policy (`configure_model` under ModelParallelStrategy)."""
+        return self.policy is not None and is_sharded(self.policy)
+
+    def _checkpoint_keys(self) -> set[str]:
+        """The state_dict keys a checkpoint keeps: trainable weights only (a 7B LoRA checkpoint is tens of MB,
+        not GB). With `sync_ref_model` the reference has moved away from the initial weights where the policy
+        trains: those are kept too."""
         names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
-        trainable = {f"policy.{n}" for n in names}
+        keys = {f"policy.{n}" for n in names}
         if self.hparams.sync_ref_model and self.reference is not None:
-            trainable |= {f"reference.{n}" for n in names}
+            keys |= {f"reference.{n}" for n in names}
+        return keys
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Sharded: only the checkpoint's keys, so that ModelParallelStrategy gathers the trainable weights to
+        rank 0 for a checkpoint, not the frozen base and reference as well. Otherwise every tensor, as always."""
+        state = super().state_dict(*args, **kwargs)
+        if args or kwargs or not self._sharded:
+            return state
+        keep = self._checkpoint_keys()
+        return type(state)((k, v) for k, v in state.items() if k in keep)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep trainable weights only (`_checkpoint_keys`), and the run-long counters."""
+        trainable = self._checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint.update({name: getattr(self, name) for name in COUNTERS})
         if isinstance(self.logger, TensorBoardLogger):  # `fit --ckpt_path` continues this TensorBoard run
@@ -530,7 +576,25 @@ class GRPOModule(L.LightningModule):
         if self.reference is None and checkpoint.get("state_dict"):  # a synced reference, resumed with beta = 0
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if not k.startswith("reference.")}
-        check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
+        if "state_dict" not in checkpoint and self._sharded:  # ModelParallelStrategy loaded (and took out) the weights
+            check_weights_fit(self, {**checkpoint, "state_dict": self._saved_weights()},
+                              own=super().state_dict())  # still before any step or evaluation
+        else:
+            check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
         apply_resumed_settings(checkpoint, self.hparams, self._trainer, self.cli_optimizer or self.cli_lr_scheduler)
+        if self._trainer is not None and not self._trainer.strategy.lightning_restore_optimizer:
+            copy_param_group_settings(checkpoint, self._trainer)  # the strategy loaded the optimiser already
         for name in COUNTERS:
             setattr(self, name, checkpoint.get(name, 0))
+
+    def _saved_weights(self) -> dict[str, Any]:
+        """The weights (memory-mapped: names and shapes are read) of the checkpoint being loaded, read as data."""
+        from anatomy_lightning.checkpointing import load_checkpoint_data
+
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        if path is None:
+            return {}
+        saved = load_checkpoint_data(path, map_location="cpu", mmap=True).get("state_dict") or {}
+        if self.reference is None:  # as above: a synced reference, resumed with beta = 0
+            saved = {k: v for k, v in saved.items() if not k.startswith("reference.")}
+        return saved

@@ -242,5 +242,18 @@ def apply_resumed_settings(checkpoint: dict[str, Any], hparams: Any, trainer: An
              " and ".join(replaced), lr_now)
 
 
+def copy_param_group_settings(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """For strategies that load the optimiser state themselves, before `on_load_checkpoint` runs
+    (ModelParallelStrategy): put the checkpoint's parameter group settings (lr, initial_lr,
+    weight_decay..., as `apply_resumed_settings` left them) on the live optimisers, which the
+    strategy filled from the same groups before they were edited. Elsewhere Lightning loads the
+    edited dict after the hook, which is what this reproduces."""
+    if trainer.state.fn != "fit":
+        return
+    for opt, state in zip(trainer.optimizers, checkpoint.get("optimizer_states") or []):
+        for group, saved in zip(opt.param_groups, state.get("param_groups", [])):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)

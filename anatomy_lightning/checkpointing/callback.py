@@ -211,9 +211,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
         super().on_train_end(trainer, pl_module)
-        # stopped between scheduled saves (a CompletionBudget, early stopping): the final weights
-        # still reach last.ckpt, so nothing trained is lost and `test --ckpt_path` sees the end
-        if trainer.should_stop and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        # ended between scheduled saves (max_steps not a multiple of every_n_train_steps, a CompletionBudget,
+        # early stopping): the final weights still reach last.ckpt, so nothing trained is lost and
+        # `test --ckpt_path last` scores the end of the run
+        if self.save_last and not _mid_window(trainer) and not self._should_skip_saving_checkpoint(trainer):
             self._save_now(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -94,16 +94,19 @@ def _describe_model(hparams: Mapping[str, Any]) -> str:
     return f"{hparams.get('model')!r} ({shape}, quantization {hparams.get('quantization')})"
 
 
-def check_weights_fit(module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
+def check_weights_fit(module: torch.nn.Module, checkpoint: Mapping[str, Any],
+                      own: Mapping[str, Any] | None = None) -> None:
     """Raise a one-line ValueError when the checkpoint's weights do not fit `module`, naming the
     model the checkpoint was trained for (from its hyperparameters) and the one built now.
 
     Called before the weights are loaded: otherwise a size mismatch is a long torch traceback, and
     a checkpoint of a LoRA run loaded into a full model (or the reverse) matches no name and, with
-    non-strict loading, would be evaluated with untrained weights without a word.
+    non-strict loading, would be evaluated with untrained weights without a word. (ModelParallelStrategy
+    loads the weights itself, before any hook: there it runs right after, before any step or evaluation.)
+    `own`: the module's tensors by name (default `module.state_dict()`).
     """
     saved = checkpoint.get("state_dict") or {}
-    own = module.state_dict()
+    own = module.state_dict() if own is None else own
     unknown = [k for k in saved if k not in own]
     wrong = [k for k in saved if k in own and getattr(saved[k], "shape", None) != getattr(own[k], "shape", None)]
     if not unknown and not wrong:

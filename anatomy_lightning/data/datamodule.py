@@ -26,6 +26,7 @@ from anatomy_lightning.data.similarity import SimilarityScorer
 from anatomy_lightning.data.sources import read_questions, write_synthetic_files
 from anatomy_lightning.data.splits import Split, apply_split, hold_out, recorded_split
 from anatomy_lightning.data.stages import StageThresholds, describe_thresholds, stage_against, stage_for
+from anatomy_lightning.distributed import gather_objects
 from anatomy_lightning.settings import coerce_settings
 
 log = logging.getLogger(__name__)
@@ -386,8 +387,11 @@ class AnatomyVQADataModule(L.LightningDataModule):
     _deferred: tuple[str, ...] = ()
 
     def state_dict(self) -> dict[str, Any]:
+        # called on every rank while a checkpoint is assembled; rank 0 writes it, so the deferred questions
+        # (each rank's own) are gathered: resumed, rank r serves its own again
         return {
             "deferred": list(self._deferred),
+            "deferred_by_rank": gather_objects(list(self._deferred)),
             "sampler": self.sampler.state_dict() if self.sampler is not None else self._pending_state,
             # held-out uids: a resumed run or a later `test` uses the questions this run held out
             "split": {"train_file": self.train_file, **self.split} if self._pool else None,
@@ -395,7 +399,7 @@ class AnatomyVQADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restore_split(state.get("split"), "split" in state)
-        self._deferred = tuple(state.get("deferred", ()))
+        self._deferred = self._own_deferred(state)
         sampler_state = state.get("sampler")
         if sampler_state is None:
             return
@@ -403,6 +407,19 @@ class AnatomyVQADataModule(L.LightningDataModule):
             self.sampler.load_state_dict(sampler_state)
         else:
             self._pending_state = sampler_state
+
+    def _own_deferred(self, state: dict[str, Any]) -> tuple[str, ...]:
+        """This rank's deferred questions from a checkpoint; with another number of ranks, every rank's
+        deferred questions dealt out again (older checkpoints hold rank 0's only)."""
+        by_rank = state.get("deferred_by_rank")
+        rank, world = self._rank_world()
+        if by_rank is None:
+            return tuple(state.get("deferred", ()))
+        if len(by_rank) == world:
+            return tuple(by_rank[rank])
+        log.warning("the checkpoint was written by %d processes, this run has %d: its deferred questions are "
+                    "dealt out again", len(by_rank), world)
+        return tuple([uid for deferred in by_rank for uid in deferred][rank::world])
 
     def _restore_split(self, split: dict[str, Any] | None, recorded: bool) -> None:
         """Re-split train_file as the checkpoint's run did (setup runs before the checkpoint is read)."""

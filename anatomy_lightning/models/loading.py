@@ -269,19 +269,27 @@ def check_quantization_supported(quantization: str | None, device: str | None = 
         ) from err
 
 
-def bnb_quantization_config(quantization: str, quantize_vision: bool, family: ModelFamily) -> Any:
+def bnb_quantization_config(quantization: str, quantize_vision: bool, family: ModelFamily,
+                            quant_storage: torch.dtype | None = None) -> Any:
     """The bitsandbytes config of a 4bit/8bit load, keeping the vision tower (unless `quantize_vision`)
-    and lm_head unquantised; shared with export, which must rebuild the base exactly as training did."""
+    and lm_head unquantised; shared with export, which must rebuild the base exactly as training did.
+
+    `quant_storage`: the dtype the packed 4-bit weights are stored in (default uint8). Sharded
+    training (FSDP-QLoRA, `sharding`) stores them in the weights' dtype, the FSDP-QLoRA recipe: casting
+    the model to that dtype (trainer.precision "bf16-true") is then a no-op on the packed bits. The
+    quantised values are the same."""
     from transformers import BitsAndBytesConfig
 
     skip = ["lm_head"] if quantize_vision else family.quant_skip_modules()
     if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,  # also runs on CPU with bitsandbytes 0.50
             llm_int8_skip_modules=skip,
+            **storage,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
@@ -302,6 +310,7 @@ def load_policy(
     freeze_vit: bool | None = None,
     freeze_aligner: bool | None = None,
     freeze_llm: bool = False,
+    quant_storage: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, processor) ready to train.
 
@@ -309,7 +318,8 @@ def load_policy(
       freeze_vit / freeze_aligner / freeze_llm, see `resolve_frozen`);
     - lora set: a peft model with only the adapter trainable (on the parts those keys leave unfrozen);
     - quantization "4bit"/"8bit" (needs lora to train): bitsandbytes with the vision tower and
-      lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`.
+      lm_head unquantised, prepared with peft's `prepare_model_for_kbit_training`;
+      `quant_storage` (4bit): the packed weights' storage dtype (see `bnb_quantization_config`).
     The tokenizer pads on the left, as batched generation needs.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -325,7 +335,7 @@ def load_policy(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
-        kwargs["quantization_config"] = bnb_quantization_config(quantization, quantize_vision, family)
+        kwargs["quantization_config"] = bnb_quantization_config(quantization, quantize_vision, family, quant_storage)
         if device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantises while placing the weights
     if device_map is not None:
@@ -462,13 +472,15 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model: Any, path: str | Path) -> Path:
-    """Write the adapter in peft's format: `PeftModel.from_pretrained(base, path)` loads it anywhere."""
+def save_adapter(model: Any, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter in peft's format: `PeftModel.from_pretrained(base, path)` loads it anywhere.
+
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered whole)."""
     if not has_adapter(model):
         raise TypeError(f"save_adapter needs a peft (LoRA) model, got {type(model).__name__}; save a full model "
                         "with model.save_pretrained(path)")
     path = Path(path)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     return path
 
 

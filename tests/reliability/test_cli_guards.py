@@ -11,14 +11,18 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from anatomy_lightning.cli import main
-from anatomy_lightning.guards import check_strategy, resolve_auto_ckpt_path
+from anatomy_lightning.guards import UNSUPPORTED_STRATEGIES, USE_INSTEAD, check_strategy, resolve_auto_ckpt_path
 from anatomy_lightning.settings_check import SettingsError, settings_problems
 from tests.support.cli_runs import CONFIGS, cpu_override, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"
-NOT_SHARDED = ("is not supported: GRPOModule does not shard its model (FSDP2 support is planned); "
-               "use --trainer.strategy=ddp")
+MODEL_PARALLEL = "lightning.pytorch.strategies.ModelParallelStrategy"
+NO_TENSOR_PARALLEL = ("tensor_parallel_size=auto (GRPOModule has no tensor parallelism: pass "
+                      "--trainer.strategy.tensor_parallel_size=1 "
+                      "--trainer.strategy.data_parallel_size=<devices x nodes>)")
+NO_FOLDERS = ("save_distributed_checkpoint=true (checkpoint folders, which resume, test and export do not read: pass "
+              "--trainer.strategy.save_distributed_checkpoint=false, one file written by rank 0)")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,33 +123,69 @@ def test_resolve_auto_ckpt_path_takes_what_last_takes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "named"),
+    ("flag", "named", "refused"),
     [
-        ("lightning.pytorch.strategies.ModelParallelStrategy", "lightning.pytorch.strategies.ModelParallelStrategy"),
-        ("ModelParallelStrategy", "ModelParallelStrategy"),
-        ("fsdp", "fsdp (FSDPStrategy)"),
-        ("deepspeed_stage_2", "deepspeed_stage_2 (DeepSpeedStrategy)"),
-        ("yaml", "lightning.pytorch.strategies.ModelParallelStrategy"),
+        ("fsdp", "fsdp (FSDPStrategy)", "FSDPStrategy"),
+        ("deepspeed_stage_2", "deepspeed_stage_2 (DeepSpeedStrategy)", "DeepSpeedStrategy"),
     ],
 )
 def test_unsupported_strategies_are_refused_by_name_before_anything_is_built(
-    flag: str, named: str, no_model: Path, capsys: pytest.CaptureFixture[str]
+    flag: str, named: str, refused: str, no_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if flag == "yaml":
-        (no_model / "mp.yaml").write_text(
-            "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
-        )
-        given = ["--config", "mp.yaml"]
-    else:
-        given = [f"--trainer.strategy={flag}"]
-    err = _error(capsys, "fit", "--config", str(DEMO), *given)
-    assert err == f"error: trainer.strategy={named} {NOT_SHARDED} (a full copy per GPU, gradients averaged)"
+    err = _error(capsys, "fit", "--config", str(DEMO), f"--trainer.strategy={flag}")
+    assert err == f"error: trainer.strategy={named} is not supported: {UNSUPPORTED_STRATEGIES[refused]}; {USE_INSTEAD}"
+    assert "ModelParallelStrategy" in err  # the one that shards
     assert not (no_model / "outputs").exists()  # no data written, no run folder
 
 
+@pytest.mark.parametrize(
+    ("given", "named", "problems"),
+    [
+        ([f"--trainer.strategy={MODEL_PARALLEL}"], MODEL_PARALLEL, [NO_TENSOR_PARALLEL, NO_FOLDERS]),
+        (["--trainer.strategy=ModelParallelStrategy"], "ModelParallelStrategy", [NO_TENSOR_PARALLEL, NO_FOLDERS]),
+        ([f"--trainer.strategy={MODEL_PARALLEL}", "--trainer.strategy.tensor_parallel_size=1",
+          "--trainer.strategy.data_parallel_size=2"], MODEL_PARALLEL, [NO_FOLDERS]),
+        ([f"--trainer.strategy={MODEL_PARALLEL}", "--trainer.strategy.tensor_parallel_size=2",
+          "--trainer.strategy.save_distributed_checkpoint=false"], MODEL_PARALLEL,
+         [NO_TENSOR_PARALLEL.replace("=auto", "=2")]),
+        ("yaml", MODEL_PARALLEL, [NO_FOLDERS]),
+    ],
+)
+def test_model_parallel_is_refused_with_the_flags_that_fix_it_before_anything_is_built(
+    given: list[str] | str, named: str, problems: list[str], no_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning's defaults split tensors over the GPUs of a node and write checkpoint folders; the module
+    shards with FSDP2 over data-parallel ranks only and writes checkpoint files."""
+    if given == "yaml":
+        (no_model / "mp.yaml").write_text(
+            f"trainer:\n  strategy:\n    class_path: {MODEL_PARALLEL}\n"
+            "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
+        )
+        given = ["--config", "mp.yaml"]
+    err = _error(capsys, "fit", "--config", str(DEMO), *given)
+    assert err == f"error: trainer.strategy={named}: " + "; ".join(problems)
+    assert not (no_model / "outputs").exists()
+
+
+def test_model_parallel_refuses_what_fsdp2_cannot_shard(no_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, "fit", "--config", str(DEMO), f"--trainer.strategy={MODEL_PARALLEL}",
+                 "--trainer.strategy.tensor_parallel_size=1", "--trainer.strategy.data_parallel_size=2",
+                 "--trainer.strategy.save_distributed_checkpoint=false", "--model.optimizer=adamw_8bit")
+    assert err == ("error: under ModelParallelStrategy (FSDP2): model.optimizer=adamw_8bit (bitsandbytes' 8-bit "
+                   "optimisers do not take sharded weights): use adamw, whose state is sharded already (1/N per rank)")
+    assert not (no_model / "outputs").exists()
+
+
 def test_strategy_check_knows_aliases_subclasses_and_instances() -> None:
-    for fine in (None, "auto", "ddp", "ddp_spawn", "lightning.pytorch.strategies.DDPStrategy", "no.such.Strategy"):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for fine in (None, "auto", "ddp", "ddp_spawn", "lightning.pytorch.strategies.DDPStrategy", "no.such.Strategy",
+                 ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
+                 {"class_path": MODEL_PARALLEL, "init_args": {"data_parallel_size": 4, "tensor_parallel_size": 1,
+                                                              "save_distributed_checkpoint": False}}):
         check_strategy(fine)
+    with pytest.raises(ValueError, match=r"trainer.strategy=ModelParallelStrategy: save_distributed_checkpoint=true"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
     with pytest.raises(ValueError, match=r"test_cli_guards.ShardedSubclass \(FSDPStrategy\) is not supported"):
         check_strategy("tests.reliability.test_cli_guards.ShardedSubclass")
     with pytest.raises(ValueError, match=r"trainer.strategy=FSDPStrategy is not supported"):
@@ -159,7 +199,7 @@ def test_the_module_refuses_an_unsupported_strategy_from_python_before_loading_t
 
     module = GRPOModule(num_generations=2)
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=NOT_SHARDED.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=r"is not supported: it wraps the model in FSDP1"):
         module.configure_model()
     assert module.policy is None
 

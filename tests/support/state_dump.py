@@ -16,13 +16,29 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
-def _fingerprint(module: L.LightningModule) -> str:
+def _full_weights(module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of every trainable weight, by name. A sharded (FSDP2) weight is gathered
+    (`full_tensor`, a collective: every rank calls this at the same point), so a fingerprint says what
+    the model is, not what one rank's shard holds."""
+    from torch.distributed.tensor import DTensor
+
+    # a copy: `.numpy()` pins a tensor's storage, and FSDP2 frees the storage of gathered weights later
+    return [(name, (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", torch.float32, copy=True))
+            for name, p in sorted(module.named_parameters()) if p.requires_grad]
+
+
+def _fingerprint(weights: list[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha1()
-    for name, p in sorted(module.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().cpu().float().numpy().tobytes())
+    for name, p in weights:
+        h.update(name.encode())
+        h.update(p.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _sharded(module: L.LightningModule) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters() if p.requires_grad)
 
 
 class StateDump(Callback):
@@ -45,6 +61,8 @@ class StateDump(Callback):
         curriculum = self._callback(trainer, "CurriculumCallback")
         augmentation = self._callback(trainer, "GroupDiversityCallback")
         dm = trainer.datamodule
+        weights = _full_weights(pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
         row = {
             "step": trainer.global_step,
             "rank": trainer.global_rank,
@@ -58,13 +76,43 @@ class StateDump(Callback):
             "curriculum": curriculum.state.state_dict() if curriculum is not None else None,
             "augmenter": augmentation.augmenter.state_dict() if augmentation is not None else None,
             "sampler": dm.sampler.state_dict() if dm.sampler is not None else None,
-            "weights": _fingerprint(pl_module),
+            "weights": _fingerprint(weights),
+            "weights_abs_sum": float(sum(p.double().abs().sum() for _, p in weights)),
+            "sharded": _sharded(pl_module),
+            "loss": None if loss is None else float(loss),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "time": time.time(),
             "torch_rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16],
         }
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
+
+
+class StepStartDump(Callback):
+    """Before every training step, each rank appends the weights, the optimiser state (gathered when
+    sharded) and the learning rate to `$STATE_DUMP_DIR/start<r>.jsonl`: what a resumed run must start
+    its first step from, compared with the uninterrupted run at the same step."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        from torch.distributed.tensor import DTensor
+
+        opt = trainer.optimizers[0]
+        h = hashlib.sha1()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in sorted(opt.state.get(p, {}).items()):
+                    if isinstance(value, torch.Tensor):
+                        value = (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+                        h.update(key.encode() + value.to("cpu", torch.float64, copy=True).numpy().tobytes())
+        weights = _fingerprint(_full_weights(pl_module))
+        row = {"step": trainer.global_step, "rank": trainer.global_rank, "weights": weights,
+               "optimizer": h.hexdigest()[:16], "lr": opt.param_groups[0]["lr"]}
+        folder = Path(os.environ.get("STATE_DUMP_DIR", "state_dump"))
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"start{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class NonFiniteLossOnRank(Callback):
