@@ -2,13 +2,15 @@
 
 With `trainer.accumulate_grad_batches=2` one optimiser step is two rollouts. SIGTERM as the first
 rollout of step 2 starts must finish the window (both rollouts, one optimiser step), save step 2,
-exit 143, and `--ckpt_path last` must then end with the weights of the uninterrupted run. Dynamic
+exit 143, and `--ckpt_path last` must then end with the weights of the uninterrupted run (whose
+`last.ckpt` holds its final step, though max_steps falls between scheduled saves). Dynamic
 sampling is on, so the resampled prompts (keyed by step and place in the window) must replay too,
 and the two rollouts of a step must draw different fresh prompts.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ def _override(folder: Path, *extra_callbacks: dict) -> Path:
             "callbacks": [
                 {"class_path": "anatomy_lightning.checkpointing.ResumableCheckpoint",
                  "init_args": {"dirpath": str(folder / "ckpts"), "filename": "{step}", "save_last": True,
-                               "every_n_train_steps": 1, "save_top_k": -1}},
+                               "every_n_train_steps": 2, "save_top_k": -1}},
                 *extra_callbacks,
             ],
         },
@@ -78,6 +80,12 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
         folder.mkdir()
     monkeypatch.chdir(full)
     reference = _fit(full, _override(full))
+    # max_steps (3) between scheduled saves (every 2): the final step still reaches last.ckpt, so
+    # `test --ckpt_path last` scores the end of the run
+    assert sorted(os.listdir(full / "ckpts")) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    final = torch.load(full / "ckpts" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert final["global_step"] == STEPS
+    assert all(torch.equal(final["state_dict"][f"policy.{n}"], w) for n, w in reference.items())
 
     # both rollouts of a step resampled, each from its own key, and they drew different prompts
     firsts = {key.split("/")[0]: uids for key, uids in draws if key.endswith("/1")}

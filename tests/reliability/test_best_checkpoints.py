@@ -83,21 +83,3 @@ def test_top_k_by_a_metric_survives_a_preemption(tmp_path: Path, monkeypatch: py
     assert _kept(run) == (files, table)
     assert all(torch.equal(reference[n], resumed[n]) for n in reference)
 
-
-def test_the_last_step_reaches_last_ckpt_between_scheduled_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """max_steps 3 with a save every 2 steps: `test --ckpt_path last` must score step 3, not step 2."""
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    monkeypatch.chdir(tmp_path)
-    override = _override(tmp_path)
-    cfg = yaml.safe_load(override.read_text())
-    cfg["trainer"]["max_steps"] = 3
-    cfg["trainer"]["callbacks"][0]["init_args"] = {"dirpath": str(tmp_path / "ckpts"), "filename": "{step}",
-                                                   "save_last": True, "every_n_train_steps": 2, "save_top_k": -1}
-    override.write_text(yaml.safe_dump(cfg))
-    cli = main(["fit", "--config", str(DEMO), "--config", str(override)])
-    assert cli.trainer.global_step == 3
-    last = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert last["global_step"] == 3
-    assert sorted(os.listdir(tmp_path / "ckpts")) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
-    final = {n: p.detach() for n, p in cli.model.policy.named_parameters() if p.requires_grad}
-    assert all(torch.equal(last["state_dict"][f"policy.{n}"], w) for n, w in final.items())
