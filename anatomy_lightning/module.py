@@ -26,6 +26,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from anatomy_lightning.checkpointing import check_weights_fit
+from anatomy_lightning.checkpointing.weights import checkpoint_keys, only_keys, saved_weights, without_reference
 from anatomy_lightning.data.images import ImageCache
 from anatomy_lightning.data.schema import Question
 from anatomy_lightning.distributed import gather_objects
@@ -546,14 +547,8 @@ class GRPOModule(L.LightningModule):
         return self.policy is not None and is_sharded(self.policy)
 
     def _checkpoint_keys(self) -> set[str]:
-        """The state_dict keys a checkpoint keeps: trainable weights only (a 7B LoRA checkpoint is tens of MB,
-        not GB). With `sync_ref_model` the reference has moved away from the initial weights where the policy
-        trains: those are kept too."""
-        names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
-        keys = {f"policy.{n}" for n in names}
-        if self.hparams.sync_ref_model and self.reference is not None:
-            keys |= {f"reference.{n}" for n in names}
-        return keys
+        """Trainable weights only, and a synced reference's (`checkpointing.weights`)."""
+        return checkpoint_keys(self.policy, self.hparams.sync_ref_model and self.reference is not None)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Sharded: only the checkpoint's keys, so that ModelParallelStrategy gathers the trainable weights to
@@ -561,23 +556,22 @@ class GRPOModule(L.LightningModule):
         state = super().state_dict(*args, **kwargs)
         if args or kwargs or not self._sharded:
             return state
-        keep = self._checkpoint_keys()
-        return type(state)((k, v) for k, v in state.items() if k in keep)
+        return only_keys(state, self._checkpoint_keys())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep trainable weights only (`_checkpoint_keys`), and the run-long counters."""
-        trainable = self._checkpoint_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = only_keys(checkpoint["state_dict"], self._checkpoint_keys())
         checkpoint.update({name: getattr(self, name) for name in COUNTERS})
         if isinstance(self.logger, TensorBoardLogger):  # `fit --ckpt_path` continues this TensorBoard run
             checkpoint["tensorboard_version"] = self.logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is None and checkpoint.get("state_dict"):  # a synced reference, resumed with beta = 0
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("reference.")}
+            checkpoint["state_dict"] = without_reference(checkpoint["state_dict"])
         if "state_dict" not in checkpoint and self._sharded:  # ModelParallelStrategy loaded (and took out) the weights
-            check_weights_fit(self, {**checkpoint, "state_dict": self._saved_weights()},
+            saved = saved_weights(self._trainer.ckpt_path if self._trainer is not None else None)
+            saved = without_reference(saved) if self.reference is None else saved
+            check_weights_fit(self, {**checkpoint, "state_dict": saved},
                               own=super().state_dict())  # still before any step or evaluation
         else:
             check_weights_fit(self, checkpoint)  # another model's checkpoint: one line naming both models
@@ -586,15 +580,3 @@ class GRPOModule(L.LightningModule):
             copy_param_group_settings(checkpoint, self._trainer)  # the strategy loaded the optimiser already
         for name in COUNTERS:
             setattr(self, name, checkpoint.get(name, 0))
-
-    def _saved_weights(self) -> dict[str, Any]:
-        """The weights (memory-mapped: names and shapes are read) of the checkpoint being loaded, read as data."""
-        from anatomy_lightning.checkpointing import load_checkpoint_data
-
-        path = self._trainer.ckpt_path if self._trainer is not None else None
-        if path is None:
-            return {}
-        saved = load_checkpoint_data(path, map_location="cpu", mmap=True).get("state_dict") or {}
-        if self.reference is None:  # as above: a synced reference, resumed with beta = 0
-            saved = {k: v for k, v in saved.items() if not k.startswith("reference.")}
-        return saved

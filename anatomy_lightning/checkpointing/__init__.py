@@ -5,7 +5,8 @@ Wired into the shipped configs as two pieces: `AtomicCheckpointIO` (a `trainer.p
 place of `ModelCheckpoint`, `callback`) saves and checks what a resumed run needs to continue
 like an uninterrupted one. The checks it relies on stand alone: damaged files (`files`), the
 run fingerprint (`fingerprint`), random streams (`rng`) and stop signals (`preemption`). Every
-checkpoint is read as data, never as a program (`safe_load`).
+checkpoint is read as data, never as a program (`safe_load`), and keeps only the weights that
+train (`weights`).
 """
 
 from anatomy_lightning.checkpointing.callback import ResumableCheckpoint
