@@ -29,19 +29,10 @@ from anatomy_lightning.checkpointing import check_weights_fit
 from anatomy_lightning.checkpointing.weights import checkpoint_keys, only_keys, saved_weights, without_reference
 from anatomy_lightning.data.images import ImageCache
 from anatomy_lightning.data.schema import Question
-from anatomy_lightning.distributed import gather_objects
+from anatomy_lightning.evaluation_hooks import GreedyEvaluation
 from anatomy_lightning.grpo.advantages import GroupAdvantages, group_advantages, resolve_scale_rewards
 from anatomy_lightning.grpo.dynamic_sampling import StepSampler
-from anatomy_lightning.grpo.evaluation import (
-    EvaluationSettings,
-    accuracy_by,
-    evaluation_rows,
-    format_report,
-    tally_stage,
-    test_banner,
-    write_predictions,
-)
-from anatomy_lightning.grpo.loss import global_token_count
+from anatomy_lightning.grpo.evaluation import EvaluationSettings
 from anatomy_lightning.grpo.metrics import (
     combine_chunk_metrics,
     dynamic_sample_metrics,
@@ -55,6 +46,7 @@ from anatomy_lightning.grpo.rewards import RewardComputer
 from anatomy_lightning.grpo.rollout import Rollouts
 from anatomy_lightning.grpo.samples import log_samples
 from anatomy_lightning.grpo.sequences import Rollout, mask_vision_tokens, vision_token_guard
+from anatomy_lightning.grpo.token_stats import global_token_count
 from anatomy_lightning.grpo.update import backward_chunks, prepare_update, sync_due, sync_reference
 from anatomy_lightning.guards import check_strategy
 from anatomy_lightning.models.families import ModelFamily, family_of
@@ -93,7 +85,7 @@ DEFAULT_REWARDS = {"accuracy": 1.0, "format": 0.5}  # never mutated: the module 
 COUNTERS = ("non_finite_steps", "num_tokens", "completions_generated", "completions_total")
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(GreedyEvaluation, L.LightningModule):
     """GRPO for image-text-to-text models (Qwen2-VL / Qwen2.5-VL, or the built-in tiny one).
 
     Args:
@@ -470,66 +462,6 @@ class GRPOModule(L.LightningModule):
             root = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(self.trainer.default_root_dir)
             save_adapter(self.policy, root / "adapter", state_dict=state)
             log.info("LoRA adapter (peft format) written to %s", root / "adapter")
-
-    # -- validation, test, predict: greedy answers -----------------------------------------------
-    def _evaluate(self, questions: list[Question]) -> list[dict[str, Any]]:
-        hp = self.hparams
-        ro = self.rollouts.sample(questions, 1, self.evaluation.max_new_tokens or hp.max_new_tokens, do_sample=False,
-                                  temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k, min_new_tokens=0)
-        return evaluation_rows(questions, ro.texts)
-
-    def on_validation_epoch_start(self) -> None:
-        stages = int(getattr(getattr(self.trainer, "datamodule", None), "num_stages", 1) or 1)
-        self._val_sums = torch.zeros(stages, 2, device=self.device)  # (K, [correct, count])
-
-    def validation_step(self, batch: list[Question], batch_idx: int) -> None:
-        for row in self._evaluate(batch):
-            self.val_acc.update(float(row["correct"]))
-            tally_stage(self._val_sums, row)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/acc", self.val_acc, prog_bar=True)  # torchmetrics syncs across ranks and resets
-        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")  # same numbers on every rank
-        self.log_dict({f"val/acc_stage_{k}": sums[k, 0] / sums[k, 1] for k in range(len(sums)) if sums[k, 1] > 0})
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_rows = []
-        if self.global_rank == 0:
-            print(test_banner(self.trainer, self.hparams.model, self.global_step))
-
-    def test_step(self, batch: list[Question], batch_idx: int) -> None:
-        self._eval_rows.extend(self._evaluate(batch))
-
-    def on_test_epoch_end(self) -> None:
-        rows = [r for part in gather_objects(self._eval_rows) for r in part]
-        acc = sum(r["correct"] for r in rows) / max(1, len(rows))
-        self.log("test/acc", acc, rank_zero_only=True)
-        by = accuracy_by(rows)
-        for k, vals in by["stage"].items():
-            self.log(f"test/acc_stage_{k}", sum(vals) / len(vals), rank_zero_only=True)
-        if self.global_rank == 0:
-            path = write_predictions(self._predictions_path(), rows)
-            print(format_report(rows, by))
-            print(f"predictions: {path}")
-        self.test_results = {"acc": acc, "n": len(rows)}
-
-    def _predictions_path(self) -> Path:
-        if self.evaluation.predictions_file:
-            return Path(self.evaluation.predictions_file)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "predictions.jsonl"
-
-    def on_predict_epoch_start(self) -> None:
-        self._eval_rows = []
-
-    def predict_step(self, batch: list[Question], batch_idx: int) -> list[dict[str, Any]]:
-        rows = self._evaluate(batch)
-        self._eval_rows.extend(rows)
-        return rows
-
-    def on_predict_epoch_end(self) -> None:
-        rows = [r for part in gather_objects(self._eval_rows) for r in part]
-        if self.global_rank == 0:
-            print(f"predictions ({len(rows)} questions): {write_predictions(self._predictions_path(), rows)}")
 
     # -- optimisers and checkpoints --------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -72,7 +72,8 @@ def parameter_groups(model: Any, vit_lr: float | None = None, aligner_lr: float 
     if vit_lr is None and aligner_lr is None:
         return [p for p in model.parameters() if p.requires_grad]
     from anatomy_lightning.models.families import family_of
-    from anatomy_lightning.models.loading import has_adapter, trainable_by_part
+    from anatomy_lightning.models.loading import has_adapter
+    from anatomy_lightning.models.parts import trainable_by_part
 
     parts = trainable_by_part(model, family_of(model))
     lrs = {"vision_tower": vit_lr, "projector": aligner_lr}

@@ -280,7 +280,7 @@ def _vision_problems(model: Mapping[str, Any], problems: list[str]) -> None:
     an lr for a part that does not train, freeze keys with a regex LoRA target (the regex alone picks
     the modules), `lora.include_vision` against freeze_vit / freeze_aligner true, nothing left to train.
     Without a `lora` key (GRPOModule from Python) only what holds with and without LoRA is checked."""
-    from anatomy_lightning.models.loading import LoraSettings, resolve_frozen
+    from anatomy_lightning.models.parts import LoraSettings, resolve_frozen
 
     given = {k: model.get(k) for k in ("freeze_vit", "freeze_aligner", "freeze_llm")}
     bad = [f"model.{k} = {v!r}: must be true or false" + (", or null" if k != "freeze_llm" else "")

@@ -5,8 +5,8 @@ counts so that row chunks and ranks combine exactly (`grpo.metrics`). Formulas a
 TRL 1.16's `GRPOTrainer._compute_loss` and `GRPOConfig` (checked in tests/grpo/test_loss_trl.py).
 
 Nothing here knows about models or trainers, so every formula is testable with hand-made tensors.
-The only collective calls are in `global_token_count` and `high_entropy_threshold`, and only when
-`torch.distributed` is initialised. Shapes: B = N * G completions (N prompts, G completions each,
+The only collective calls are in `grpo.token_stats` (`global_token_count`, `high_entropy_threshold`,
+re-exported here), and only when `torch.distributed` is initialised. Shapes: B = N * G completions (N prompts, G completions each,
 consecutive in the batch), T completion tokens. Advantages are `grpo.advantages`.
 """
 
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from anatomy_lightning.distributed import world_size
@@ -27,6 +26,7 @@ from anatomy_lightning.grpo.policy_terms import (
     LossKnobs,
     TermInputs,
 )
+from anatomy_lightning.grpo.token_stats import global_token_count, high_entropy_threshold
 
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -63,48 +63,6 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, linear_beyond: float = 50.0) -> Tensor
     cap = torch.full_like(d, linear_beyond)
     e = torch.where(d > linear_beyond, torch.exp(cap) * (1 + d - cap), torch.exp(torch.minimum(d, cap)))
     return e - d - 1
-
-
-def global_token_count(mask: Tensor) -> Tensor:
-    """Live tokens of the whole generation batch, summed over ranks (TRL's `num_items_in_batch`).
-
-    Pass it to `grpo_loss(..., num_items_in_batch=...)` and `chunk_weight` for `loss_type="dapo"`.
-    Every rank must call it (all_reduce) when torch.distributed is initialised.
-    """
-    count = mask.detach().float().sum()
-    if world_size() > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    return count
-
-
-def high_entropy_threshold(
-    entropy: Tensor, mask: Tensor, top_entropy_quantile: float, across_ranks: bool = True
-) -> Tensor:
-    """The (1 - rho) quantile of the live tokens' entropies, over all ranks (TRL semantics).
-
-    Tokens with entropy >= the threshold keep their policy loss. rho = 1 keeps everything
-    (threshold -inf), rho = 0 only the highest-entropy token(s). With no live token the threshold
-    is +inf (nothing kept). Every rank must call it when torch.distributed is initialised, unless
-    `across_ranks` is False (these rows only, no collective call).
-    """
-    if not 0.0 <= top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-    if top_entropy_quantile >= 1.0:
-        return torch.tensor(-math.inf, device=entropy.device)
-    local = entropy.detach()[mask.bool()].float()
-    if across_ranks and world_size() > 1:  # ranks hold different token counts: gather padded, then drop the padding
-        n = torch.tensor([local.numel()], device=local.device)
-        sizes = [torch.zeros_like(n) for _ in range(world_size())]
-        dist.all_gather(sizes, n)
-        width = int(max(s.item() for s in sizes))
-        padded = torch.full((width,), math.nan, device=local.device)
-        padded[: local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        local = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
-    if local.numel() == 0:
-        return torch.tensor(math.inf, device=entropy.device)
-    return torch.quantile(local, 1.0 - top_entropy_quantile)
 
 
 # --- the loss ----------------------------------------------------------------------------------

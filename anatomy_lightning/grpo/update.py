@@ -9,23 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from anatomy_lightning.grpo.advantages import GroupAdvantages
-from anatomy_lightning.grpo.loss import (
-    LossOutput,
-    chunk_weight,
-    global_token_count,
-    grpo_loss,
-    high_entropy_threshold,
-    needs_global_token_count,
-)
+from anatomy_lightning.grpo.loss import LossOutput, chunk_weight, grpo_loss, needs_global_token_count
+from anatomy_lightning.grpo.policy_terms import LossKnobs
 from anatomy_lightning.grpo.rollout import rollout_logprobs
 from anatomy_lightning.grpo.sequences import Rollout
+from anatomy_lightning.grpo.token_stats import global_token_count, high_entropy_threshold
 
 
 @dataclass
@@ -81,15 +76,11 @@ def chunk_losses(hp: Mapping[str, Any], policy: Any, batch: UpdateBatch) -> Iter
             hp["loss_type"], logp, adv.advantages[rows], mask[rows],
             old_logp=None if batch.old_logp is None else batch.old_logp[rows],
             ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows],
-            beta=hp["beta"], epsilon_low=hp["epsilon_low"], epsilon_high=hp["epsilon_high"],
-            max_completion_length=hp["max_new_tokens"], has_signal=adv.has_signal[groups], group_size=G,
-            importance_sampling_level=hp["importance_sampling_level"],
+            beta=hp["beta"], max_completion_length=hp["max_new_tokens"], has_signal=adv.has_signal[groups],
+            group_size=G, importance_sampling_level=hp["importance_sampling_level"],
             use_bias_correction_kl=hp["use_bias_correction_kl"], entropy=ent,
             top_entropy_quantile=quantile, entropy_threshold=thr, num_items_in_batch=n_items,
-            delta=hp["delta"], sapo_temperature_pos=hp["sapo_temperature_pos"],
-            sapo_temperature_neg=hp["sapo_temperature_neg"], vespo_k_pos=hp["vespo_k_pos"],
-            vespo_lambda_pos=hp["vespo_lambda_pos"], vespo_k_neg=hp["vespo_k_neg"],
-            vespo_lambda_neg=hp["vespo_lambda_neg"],
+            **{f.name: hp[f.name] for f in fields(LossKnobs)},  # clip range, delta, sapo / vespo knobs
         )
         yield out, chunk_weight(hp["loss_type"], mask[rows], mask, adv.has_signal[groups], adv.has_signal,
                                 num_items_in_batch=n_items)

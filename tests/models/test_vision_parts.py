@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from anatomy_lightning.grpo import rollout as R
 from anatomy_lightning.models.families import PARTS, family_of
-from anatomy_lightning.models.loading import LoraSettings, freeze_parts, load_policy, resolve_frozen
+from anatomy_lightning.models.loading import load_policy
+from anatomy_lightning.models.parts import LoraSettings, freeze_parts, resolve_frozen
 from anatomy_lightning.optimization import apply_resumed_settings, configure_optimization, parameter_groups
 from tests.models.test_loading import _inputs
 from tests.support.standins import STANDIN_FAMILIES
