@@ -99,6 +99,9 @@ class GRPOModule(GreedyEvaluation, L.LightningModule):
         num_generations: G, completions sampled per prompt.
         max_new_tokens, temperature, top_p, top_k: sampling settings for rollouts.
         min_new_tokens: no end-of-turn before this many tokens (0: off; benchmarks fix lengths with it).
+        packed_decode: decode on a per-rollout packed copy of the weights (`grpo.packed_decode`: LoRA
+            merged, oneDNN layout; about 1.5x faster decoding on a CPU, logits equal to rounding).
+            None: on for a float32 Qwen-VL model on the CPU; True: wherever supported; False: never.
         mask_truncated_completions: drop completions that hit max_new_tokens from the loss.
         max_prompt_length: longest prompt in tokens, images included (None: the model's context minus
             max_new_tokens); every prompt is measured before the model loads (`grpo.preflight`).
@@ -168,6 +171,7 @@ class GRPOModule(GreedyEvaluation, L.LightningModule):
         top_p: float = 1.0,
         top_k: int = 0,
         min_new_tokens: int = 0,
+        packed_decode: bool | None = None,
         mask_truncated_completions: bool = False,
         max_prompt_length: int | None = None,
         truncation_strategy: str = "raise",
@@ -298,7 +302,7 @@ class GRPOModule(GreedyEvaluation, L.LightningModule):
         self.vision_ids = self.family.vision_token_ids(self.policy, self.processor)
         if self.processor.tokenizer.pad_token_id is None:  # completion padding; fed in place of vision tokens
             self.processor.tokenizer.pad_token = self.processor.tokenizer.eos_token
-        self.rollouts = Rollouts(self.policy, self.processor, self.family, self.encode)
+        self.rollouts = Rollouts(self.policy, self.processor, self.family, self.encode, hp.packed_decode)
         sampling = dict(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
                         min_new_tokens=hp.min_new_tokens, max_new_tokens=hp.max_new_tokens)
         self.sampler = StepSampler(self.rollouts, self.score, sampling, hp.num_generations, self.compute_advantages)

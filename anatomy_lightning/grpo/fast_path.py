@@ -35,6 +35,7 @@ from anatomy_lightning.grpo.sequences import (
     per_prompt_images,
     tempered_logprobs,
 )
+from anatomy_lightning.grpo.packed_decode import make_decoder
 from anatomy_lightning.models.families import ModelFamily, family_of
 
 
@@ -213,6 +214,7 @@ def sample_completions(
     top_k: int = 0,
     min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
+    packed_decode: bool | None = None,
 ) -> Tensor:
     """(B, C) completion ids: prefill each prompt once, repeat its KV cache G times, then decode.
 
@@ -220,6 +222,7 @@ def sample_completions(
     late tokens cost only the rows still writing; its remaining positions hold `pad_id`, as with
     `generate`. Decoding ends when every row has stopped or after `max_new_tokens`. Before
     `min_new_tokens` the stop tokens cannot be drawn (benchmarks force a fixed length with it).
+    The per-token forwards run on packed weights when `packed_decode` allows (`grpo.packed_decode`).
     """
     G = num_generations
     cache, logits = prefill(model, prompts)  # (N, V)
@@ -232,6 +235,7 @@ def sample_completions(
     stops = torch.tensor(list(stop_ids), device=logits.device)
     out = torch.full((B, max(max_new_tokens, 0)), pad_id, dtype=torch.long, device=logits.device)
     rows = torch.arange(B, device=logits.device)  # the output row of each live row
+    decoder = make_decoder(model, cache, max_new_tokens, packed_decode)
     length = 0
     for t in range(max_new_tokens):
         if t < min_new_tokens:
@@ -244,14 +248,10 @@ def sample_completions(
             break
         if not bool(live.all()):  # drop the rows that just stopped
             keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            decoder.select(keep)
             rows, tok, attention, next_pos = rows[keep], tok[keep], attention[keep], next_pos[:, keep]
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-        step = model(
-            input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos + t, cache=cache,
-            use_cache=True, logits_to_keep=1,
-        )
-        logits = step.logits[:, -1].float()
+        logits = decoder.step(tok, next_pos + t, attention)
     return out[:, :length]
 
 
@@ -268,6 +268,7 @@ def generate(
     top_k: int = 0,
     min_new_tokens: int = 0,
     family: ModelFamily | None = None,
+    packed_decode: bool | None = None,
 ) -> Rollout:
     """Sample G completions per prompt (greedy: `do_sample=False`), vision and prefill once per prompt.
 
@@ -281,7 +282,7 @@ def generate(
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
         completion_ids = sample_completions(
             model, prompts, num_generations, max_new_tokens, stop_ids, pad_id, do_sample, temperature, top_p, top_k,
-            min_new_tokens,
+            min_new_tokens, packed_decode=packed_decode,
         )
     mask, truncated = completion_mask_from_ids(completion_ids, stop_ids, pad_id)
     texts = decode_completions(tok, completion_ids, mask, stop_ids)

@@ -126,15 +126,19 @@ class Rollouts:
     image masks) stays aligned with its row, and row chunks are re-encoded for the log-probs.
     """
 
-    def __init__(self, policy: Any, processor: Any, family: ModelFamily, encode: Encode) -> None:
+    def __init__(
+        self, policy: Any, processor: Any, family: ModelFamily, encode: Encode, packed_decode: bool | None = None
+    ) -> None:
         self.policy, self.processor, self.family, self.encode = policy, processor, family, encode
+        self.packed_decode = packed_decode  # fast path: decode on packed weights (None: auto)
 
     def sample(self, questions: list[Question], num_generations: int, max_new_tokens: int, **settings: Any) -> Rollout:
         """G completions per question (`do_sample`, `temperature`, `top_p`, `top_k`, `min_new_tokens`)."""
         G = num_generations
         if self.family.fast_path:
             return fast_path.generate(
-                self.policy, self.processor, self.encode(questions), G, max_new_tokens, family=self.family, **settings
+                self.policy, self.processor, self.encode(questions), G, max_new_tokens, family=self.family,
+                packed_decode=self.packed_decode, **settings,
             )
         inputs, row_inputs = self._expanded(questions, G)
         return generic_path.generate_hf(
