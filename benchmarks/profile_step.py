@@ -23,8 +23,9 @@ After one warm-up step, `--plain-steps` steps run without the profiler (the tabl
 part further into GEMM, attention, copy/allocation, other operators and the time between operators
 (Python, module calls, dispatch; the profiler's own overhead lands there too, so read it as an
 upper bound). Then (`--what-if`) generation and the training pass of the last step's rollout are
-timed as run and with one change each (LoRA merged for the rollout, KV cache grown in place, LoRA
-dropout off), interleaved, best of `--what-if-repeats`: the seconds a fix would save, measured.
+timed as run and another way each (generation on the module forward instead of packed weights, and
+there with LoRA merged or the KV cache grown in place; LoRA dropout off), interleaved, best of
+`--what-if-repeats`: what each way costs, measured.
 
 The floor of a part is its matmul FLOPs, counted from the model config and the step's real token
 counts (prompt tokens without padding, 64 image tokens at 224 px, G, completion tokens; prompt once
@@ -176,7 +177,7 @@ def patch(obj: Any, attr: str, attribution: Attribution, name: Any, undo: list[A
 ROWS = [  # (key, group, description)
     ("vision", "generation", "vision tower + mrope positions (once per prompt)"),
     ("prefill", "generation", "prefill (prompt once per group) + KV repeat x G"),
-    ("decode", "generation", "decode: per-token model forwards"),
+    ("decode", "generation", "decode: per-token forwards (+ packing the weights once per rollout)"),
     ("sampling", "generation", "sampling: logits processing + multinomial"),
     ("gen_python", "generation", "Python between tokens (decode loop)"),
     ("gen_other", "generation", "rollout bookkeeping (masks, eval mode)"),
@@ -222,7 +223,7 @@ def row_of(path: tuple[str, ...]) -> str:
     if "gen_loop" in s:
         if "prefill" in s or leaf == "kv_repeat":
             return "prefill"
-        if leaf == "model":
+        if leaf in ("model", "pack"):  # the module forward or the packed decoder's step / weight packing
             return "decode"
         if leaf == "sampling":
             return "sampling"
@@ -274,6 +275,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], 
     from torch.utils.data import DataLoader
 
     import anatomy_lightning.grpo.fast_path as fast_path
+    import anatomy_lightning.grpo.packed_decode as packed_decode
     import anatomy_lightning.grpo.update as update
     import anatomy_lightning.module as module_mod
     from anatomy_lightning.models.loading import LoraSettings
@@ -307,6 +309,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, Any]], 
     patch(module_mod, "backward_chunks", att, "chunks", undo)
     patch(module_mod, "clip_gradients", att, "clip", undo)
     patch(module_mod, "combine_chunk_metrics", att, "metrics", undo)
+    patch(packed_decode.PackedDecoder, "__init__", att, "pack", undo)
+    patch(packed_decode.PackedDecoder, "step", att, "model", undo)
     patch(cache_utils.Cache, "batch_repeat_interleave", att, "kv_repeat", undo)
     patch(cache_utils.Cache, "batch_select_indices", att, "kv_select", undo)
 
@@ -440,7 +444,8 @@ def lora_shapes(model: Any) -> list[tuple[int, int, int]]:
 
 # -- profiler: each part's time by operator class -----------------------------------------------------
 
-GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation"}
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+            "mkldnn::_linear_pointwise"}  # the last: packed decode's linears (grpo/packed_decode.py)
 COPY_OPS = {"aten::cat", "aten::copy_", "aten::index_select", "aten::repeat_interleave", "aten::clone",
             "aten::contiguous", "aten::index", "aten::_to_copy", "aten::stack", "aten::index_put_",
             "aten::_index_put_impl_", "aten::masked_fill", "aten::fill_", "aten::zero_", "aten::zeros",
@@ -675,9 +680,10 @@ def kv_cache_in_place(extra: int) -> Any:
 def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) -> dict[str, Any]:
     """CPU seconds of the last step's generation and training forward/backward, as run and with one change each.
 
-    Generation (same prompts, same seeded sampler): LoRA merged into the base weights for the rollout
-    (peft `merge_adapter` before, `unmerge_adapter` after, both inside the timing), the KV cache grown
-    in place instead of by `torch.cat`, both. `same_tokens`: share of sampled tokens equal to the run as is.
+    Generation (same prompts, same seeded sampler): as run (packed decode as the module sets it), on the
+    module forward (`packed_decode=False`), and there with LoRA merged into the base weights (peft
+    `merge_adapter` before, `unmerge_adapter` after, both inside the timing), the KV cache grown in place
+    instead of by `torch.cat`, both. `same_tokens`: share of sampled tokens equal to the run as is.
     Training: forward + backward with LoRA dropout off (a hyperparameter change, not a free fix: it
     prices the dropout masks). Each variant runs `repeats` times interleaved; the best time counts.
     """
@@ -692,14 +698,15 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
     pad_id = processor.tokenizer.pad_token_id
     G, C = ro.group_size, args.new_tokens
 
-    def generation(ctx: Any) -> tuple[float, Any]:
-        """CPU seconds of `sample_completions` under `ctx` (its setup and teardown, e.g. merging, included)."""
+    def generation(packed: bool | None, ctx: Any = contextlib.nullcontext) -> tuple[float, Any]:
+        """CPU seconds of `sample_completions` (packed decode as set; under `ctx`, whose setup and teardown,
+        e.g. merging, are included)."""
         gen = torch.Generator().manual_seed(0)
         with eval_mode(policy), torch.no_grad():
             t0 = time.thread_time()
             with ctx():
                 ids = fast_path.sample_completions(policy, ro.prompts, G, C, stop_ids, pad_id, True, 1.0, 1.0, 0, C,
-                                                   gen)
+                                                   gen, packed_decode=packed)
             return time.thread_time() - t0, ids
 
     @contextlib.contextmanager
@@ -715,15 +722,19 @@ def what_if(module: Any, ro: Any, args: argparse.Namespace, repeats: int = 3) ->
         with merged(), kv_cache_in_place(C):
             yield
 
-    gen_variants = {"as run": contextlib.nullcontext, "LoRA merged for the rollout": merged,
-                    "KV cache grown in place": lambda: kv_cache_in_place(C), "both": both}
+    gen_variants = {  # "as run": packed decode as the module sets it (auto: on for this float32 CPU model)
+        "as run": (None, contextlib.nullcontext), "module forward": (False, contextlib.nullcontext),
+        "module forward, LoRA merged": (False, merged),
+        "module forward, KV cache grown in place": (False, lambda: kv_cache_in_place(C)),
+        "module forward, both": (False, both),
+    }
     if not hasattr(policy, "merge_adapter"):
-        gen_variants = {k: v for k, v in gen_variants.items() if "merged" not in k and k != "both"}
+        gen_variants = {k: v for k, v in gen_variants.items() if "merged" not in k and "both" not in k}
     times: dict[str, list[float]] = defaultdict(list)
     ids: dict[str, Any] = {}
     for _ in range(repeats):
-        for name, ctx in gen_variants.items():
-            sec, out = generation(ctx)
+        for name, (packed, ctx) in gen_variants.items():
+            sec, out = generation(packed, ctx)
             times[name].append(sec)
             ids[name] = out
     base = ids["as run"]
@@ -948,7 +959,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         w = result["what_if"]
         print(f"\nwhat if (last step's rollout, CPU seconds, best of {w['repeats']}; saves = seconds off that part):")
         for name, r in w["generation"].items():
-            print(f"  generation, {name:<28} {r['seconds']:.3f} s  saves {r['saves']:+.3f} s  "
+            print(f"  generation, {name:<40} {r['seconds']:.3f} s  saves {r['saves']:+.3f} s  "
                   f"same tokens {100 * r['same_tokens']:.1f}%")
         for name, r in w["training"].items():
             print(f"  training pass, {name:<25} forward {r['forward_seconds']:.3f} s  backward "

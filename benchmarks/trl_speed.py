@@ -40,7 +40,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SYSTEMS = ("anatomy_lightning", "trl")
+SYSTEMS = ("anatomy_lightning", "trl", "anatomy_lightning_module_decode")
+DEFAULT_SYSTEMS = SYSTEMS[:2]  # the third: this project with `packed_decode: false` (decode on the module forward)
 SIZES = {"tiny": "tiny", "small": "small", "3b": "3b", "7b": "7b"}
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.5}
 
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True,
                    help="force exactly --new-tokens tokens per completion in both systems")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated subset of " + ",".join(SYSTEMS) + " (the last: this project decoding on its "
+                        "module forward, model.packed_decode=false, for a before/after of that change in one run)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the systems alternately this many times and pool the timed steps "
                         "(evens out a busy machine)")
@@ -203,7 +206,9 @@ def _peak() -> dict[str, float]:
 # -- the two systems -------------------------------------------------------------------------------
 
 
-def run_anatomy_lightning(args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path) -> dict[str, Any]:
+def run_anatomy_lightning(
+    args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path, packed_decode: bool | None = None
+) -> dict[str, Any]:
     """`GRPOModule` under a Lightning `Trainer`, exactly as `fit` runs it (manual optimisation)."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -244,6 +249,7 @@ def run_anatomy_lightning(args: argparse.Namespace, model_dir: Path, data: Path,
         num_iterations=1,
         learning_rate=1e-5,
         optimizer="adamw",
+        packed_decode=packed_decode,
     )
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -357,7 +363,11 @@ def run_trl(args: argparse.Namespace, model_dir: Path, data: Path, workdir: Path
     return clock.result()
 
 
-RUNNERS = {"anatomy_lightning": run_anatomy_lightning, "trl": run_trl}
+RUNNERS = {
+    "anatomy_lightning": run_anatomy_lightning,
+    "trl": run_trl,
+    "anatomy_lightning_module_decode": lambda *a: run_anatomy_lightning(*a, packed_decode=False),
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -429,6 +439,11 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     for key in ("peak_gpu_allocated_mb", "peak_rss_mb", "peak_rss_above_start_mb"):
         if key in ours and key in trl and trl[key] > 0:
             ratios[key] = ours[key] / trl[key]
+    before = results.get("anatomy_lightning_module_decode")
+    if before:  # packed decode against the module forward, same run
+        ratios["steps_per_second_vs_module_decode"] = before["seconds_per_step"] / ours["seconds_per_step"]
+        ratios["steps_per_cpu_second_vs_module_decode"] = (before["cpu_seconds_per_step"]
+                                                           / ours["cpu_seconds_per_step"])
     return ratios
 
 
@@ -446,12 +461,15 @@ def format_table(results: dict[str, dict[str, Any]], ratios: dict[str, float]) -
     else:
         cols += [("peak_rss_mb", "peak RSS MB", "{:.0f}", "peak_rss_mb"),
                  ("peak_rss_above_start_mb", "above start MB", "{:.0f}", "peak_rss_above_start_mb")]
-    lines = [f"{'system':<20}" + "".join(f"{h:>16}" for _, h, _, _ in cols)]
+    lines = [f"{'system':<32}" + "".join(f"{h:>16}" for _, h, _, _ in cols)]
     for name, r in results.items():
-        lines.append(f"{name:<20}" + "".join(f"{fmt.format(r.get(k, float('nan'))):>16}" for k, _, fmt, _ in cols))
+        lines.append(f"{name:<32}" + "".join(f"{fmt.format(r.get(k, float('nan'))):>16}" for k, _, fmt, _ in cols))
     if ratios:
         cells = [f"x{ratios[rk]:.2f}" if rk in ratios else "" for _, _, _, rk in cols]
-        lines.append(f"{'ours vs trl':<20}" + "".join(f"{c:>16}" for c in cells))
+        lines.append(f"{'ours vs trl':<32}" + "".join(f"{c:>16}" for c in cells))
+        if "steps_per_second_vs_module_decode" in ratios:
+            lines.append(f"{'ours vs module decode':<32}{'x%.2f' % ratios['steps_per_second_vs_module_decode']:>16}"
+                         f"{'x%.2f' % ratios['steps_per_cpu_second_vs_module_decode']:>16}")
         lines.append("(time and tok/s columns: TRL time / ours, higher is faster; memory columns: ours / TRL)")
     return "\n".join(lines)
 

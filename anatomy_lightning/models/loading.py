@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anatomy_lightning.models.attention import install as install_attention
 from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
 from anatomy_lightning.models.parts import LoraSettings, freeze_parts, resolve_frozen, trainable_by_part
 
@@ -205,6 +206,7 @@ def load_policy(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    install_attention()  # grouped K/V kept unrepeated for backward (`models.attention`): same numbers, less memory
     lora = LoraSettings.coerce(lora)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
