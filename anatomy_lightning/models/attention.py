@@ -25,7 +25,8 @@ from torch import Tensor
 _installed = False
 
 
-def _outer_hooks_active() -> bool:
+def outer_hooks_active() -> bool:
+    """True inside activation checkpointing (or any saved-tensor hooks someone else set)."""
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     except AttributeError:  # an older or newer torch without it: assume hooks, step aside
@@ -48,10 +49,10 @@ def sdpa_keeping_groups(module: Any, query: Tensor, key: Tensor, value: Tensor, 
     n_rep = getattr(module, "num_key_value_groups", 1)
     if (n_rep == 1 or query.shape[2] == 1 or not torch.is_grad_enabled()
             or not (key.requires_grad or value.requires_grad or query.requires_grad)
-            or hf.use_gqa_in_sdpa(attention_mask, key, value) or _outer_hooks_active()):
+            or hf.use_gqa_in_sdpa(attention_mask, key, value) or outer_hooks_active()):
         return hf.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     k, v = hf.repeat_kv(key, n_rep), hf.repeat_kv(value, n_rep)  # what transformers would pass to SDPA
-    sources = ((k, key), (v, value))
+    sources = [(k, key), (v, value)]  # emptied below: nothing here may keep the repeats alive
 
     def pack(t: Tensor) -> Any:
         for repeated, heads in sources:
@@ -64,7 +65,8 @@ def sdpa_keeping_groups(module: Any, query: Tensor, key: Tensor, value: Tensor, 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = hf.sdpa_attention_forward(_OneGroup(module), query, k, v, attention_mask, **kwargs)
-    del sources, k, v
+    sources.clear()
+    del k, v
     return out
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from anatomy_lightning.models.attention import install as install_attention
 from anatomy_lightning.models.families import ModelFamily, family_for_type, family_of
+from anatomy_lightning.models.lora_dropout import fold_lora_dropout
 from anatomy_lightning.models.parts import LoraSettings, freeze_parts, resolve_frozen, trainable_by_part
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def load_policy(
 
         model = get_peft_model(model, lora.to_peft(family, model, freeze_vit=fv, freeze_aligner=fa,
                                                    freeze_llm=freeze_llm))
+        fold_lora_dropout(model)  # same masks and numbers as peft's dropout, a bool mask kept for backward
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("LoRA: %d of %d parameters trainable (%.3f%%)", n_train, n_all, 100 * n_train / max(1, n_all))

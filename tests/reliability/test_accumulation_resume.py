@@ -5,7 +5,8 @@ rollout of step 2 starts must finish the window (both rollouts, one optimiser st
 exit 143, and `--ckpt_path last` must then end with the weights of the uninterrupted run (whose
 `last.ckpt` holds its final step, though max_steps falls between scheduled saves). Dynamic
 sampling is on, so the resampled prompts (keyed by step and place in the window) must replay too,
-and the two rollouts of a step must draw different fresh prompts.
+and the two rollouts of a step must draw different fresh prompts; the completion counters must
+match as well.
 """
 
 from __future__ import annotations
@@ -106,3 +107,9 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(
     assert resumed.keys() == reference.keys()
     moved = [n for n in reference if not torch.equal(reference[n], resumed[n])]
     assert not moved, f"the resumed run's weights differ from the uninterrupted run's: {moved[:5]}"
+    # the run-long counters resume too, and the story happened: groups were resampled (more
+    # completions than steps x rollouts per step x prompts x G)
+    end = torch.load(run / "ckpts" / "last.ckpt", weights_only=True, map_location="cpu")
+    counters = ("completions_generated", "completions_total", "num_tokens")
+    assert {c: end[c] for c in counters} == {c: final[c] for c in counters}
+    assert final["completions_generated"] > STEPS * 2 * 2 * 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.reliability_runs import G, check, fit_command, read_dump, run_env, without_run_dir, write_override
+from tests.support.reliability_runs import check, fit_command, read_dump, run_env, without_run_dir, write_override
 
 MAX_STEPS, VAL_EVERY, CKPT_EVERY = 8, 4, 2
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -123,27 +123,3 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_like_an_uninterrupted_r
     assert [h["step"] for h in end_full["callbacks"]["CurriculumCallback"]["state"]["history"]] == [4, 8]
     for name, tensor in end_full["state_dict"].items():
         assert torch.equal(end_resumed["state_dict"][name], tensor), name
-
-
-@pytest.mark.slow
-def test_dynamic_sampling_resumes_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    """The resampled prompts are drawn from (data seed, step, round, rank) and the sampling streams
-    are in the checkpoint, so a run stopped at step 2 and resumed trains on what an uninterrupted
-    run trains on, completions counter included."""
-    cache = tmp_path / "embedding-cache"
-    rows = {}
-    for name, stops in (("full", [4]), ("split", [2, 4])):
-        run = tmp_path / name
-        run.mkdir()
-        override = write_override(run, max_steps=4, val_every=2, ckpt_every=2)
-        for i, stop in enumerate(stops):
-            cmd = fit_command(override, "--model.dynamic_sample=true", "--model.max_resample_times=2",
-                              f"--trainer.max_steps={stop}", *(["--ckpt_path", "last"] if i else []))
-            log = run / f"log-{i}.txt"
-            check(subprocess.run(cmd, cwd=run, env=run_env(run / "dump", cache), stdout=log.open("w"),
-                                 stderr=subprocess.STDOUT), log)
-        rows[name] = [_comparable(r) for r in read_dump(run / "dump", run_dir=run)]
-    assert [r["step"] for r in rows["full"]] == [r["step"] for r in rows["split"]] == [1, 2, 3, 4]
-    assert rows["split"] == rows["full"]
-    # the story happened: groups were resampled (more completions than 4 steps x 4 prompts x G)
-    assert rows["full"][-1]["completions"] > 4 * 4 * G
